@@ -1,0 +1,509 @@
+"""Data: datasets as uint8 tensors, and SimCLR's augmentations run batched on the device.
+
+    DATASETS[name] -> DatasetInfo    per-dataset choices: view size, crop scale, blur, mean/std, tau
+    load_images(name, data_dir, split, download=True) -> uint8 images (N, 3, H, W), labels (N,)
+        split "pretrain": what contrastive training sees (STL-10: unlabeled + train, label -1 for
+        unlabeled); "train", "test": labelled, for linear evaluation
+    make_synthetic(n, seed, size=32) -> (images, labels)   ten shape classes, made here, no download
+    SimCLRAugment(size, crop_scale, blur, mean, std)
+        .sample_params(n, generator) -> dict of (n, ...) tensors, on the generator's device
+        .apply(images_uint8, params) -> float (n, 3, size, size), normalised
+    InMemoryLoader(images, global_batch, augment, seed, rank=0, world_size=1)
+        len(loader) steps per epoch; .epoch(e) yields (x1, x2), each (B // world_size, 3, S, S)
+    pretrain_loader(name, data_dir, global_batch, seed, device, ...)   whichever loader name needs
+    normalize(images_uint8, info) -> float                 no augmentation: input for features
+    eval_batches(name, data_dir, split, batch_size, device)   (uint8 images, labels), any dataset
+
+Why on the device: a ResNet-18 step on a batch of 512 CIFAR images takes ~25 ms on an H100, less
+than CPU workers need to augment 1024 views one image at a time. So datasets that fit in memory
+live as one uint8 tensor on the device and are augmented there, batched, with independent random
+parameters for every image (torchvision's transforms draw one set per call, i.e. per batch). The
+hot path has no per-image Python loop and no host-device sync (no .item(), no boolean-mask
+indexing): the randomness is one torch.rand on the device, crop + flip is one grid_sample with a
+per-image affine matrix, and per-image choices are torch.where selections. Every op computes what
+torchvision's functional op computes on float images; test_train.py compares them.
+"""
+
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.transforms import v2
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    size: int                            # training views are size x size pixels
+    crop_scale: tuple[float, float]      # random resized crop: range of the box's area fraction
+    blur: bool                           # Gaussian blur, p=0.5 (SimCLR uses it from 96 px up)
+    mean: tuple[float, float, float]     # per-channel statistics for normalisation
+    std: tuple[float, float, float]
+    tau: float                           # default temperature of the contrastive loss
+    num_classes: int
+    in_memory: bool = True               # False: JPEGs decoded by DataLoader workers
+
+
+DATASETS = {
+    # SimCLR's CIFAR-10 setting (paper, App. B.9): ImageNet's crops, no blur (at 32 px it mostly
+    # erases the image), tau 0.5.
+    "cifar10": DatasetInfo(32, (0.08, 1.0), False, (0.4914, 0.4822, 0.4465),
+                           (0.2470, 0.2435, 0.2616), 0.5, 10),
+    "cifar100": DatasetInfo(32, (0.08, 1.0), False, (0.5071, 0.4865, 0.4409),
+                            (0.2673, 0.2564, 0.2762), 0.5, 100),
+    # STL-10 holds 96 px ImageNet photos: blur on, as for ImageNet. tau follows the training
+    # regime more than the images: STL is trained here like CIFAR (ResNet-18, batch <= 1024, a few
+    # hundred epochs of 105k images), SimCLR's CIFAR regime; 0.1 goes with batch 4096 + LARS.
+    # mean/std: those usually quoted, from the labelled train split.
+    "stl10": DatasetInfo(96, (0.08, 1.0), True, (0.4467, 0.4398, 0.4066),
+                         (0.2603, 0.2566, 0.2713), 0.5, 10),
+    # ImageNet layout (data_dir/train/<class>/*.JPEG, data_dir/val/...): the paper's setting.
+    "imagefolder": DatasetInfo(224, (0.08, 1.0), True, (0.485, 0.456, 0.406),
+                               (0.229, 0.224, 0.225), 0.1, 1000, in_memory=False),
+    # Shapes fill 9-36% of the image: crops below 40% of the area would often miss the object.
+    # mean/std measured on the 50,000 training images.
+    "synthetic": DatasetInfo(32, (0.4, 1.0), False, (0.5008, 0.5006, 0.5008),
+                             (0.2586, 0.2567, 0.2591), 0.5, 10),
+}
+SYNTHETIC_SPLITS = {"pretrain": (50_000, 0), "train": (50_000, 0), "test": (10_000, 1)}  # (n, seed)
+
+
+# ---------------------------------------------------------------------------- datasets on disk
+# name -> (folder under data_dir, archive URL, md5 of the archive)
+_DOWNLOADS = {
+    "cifar10": ("cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": ("cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                 "eb9058c3a382ffc7106e4002c42a8d85"),
+    "stl10": ("stl10_binary", "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+              "91f7769df0f17e558f3565bffb0c7dfb"),
+}
+
+
+def _folder(name: str, data_dir: str | Path, download: bool) -> Path:
+    """The dataset's folder, downloaded only if absent. A folder that exists is read as is, without
+    checksums: our offline copies are re-encoded, so their md5 sums differ from the originals."""
+    folder, url, md5 = _DOWNLOADS[name]
+    root = Path(data_dir) / folder
+    why = "download=False"
+    if not root.is_dir() and download:
+        try:
+            download_and_extract_archive(url, str(data_dir), md5=md5)
+        except (OSError, RuntimeError) as e:  # offline: URLError, an OSError; bad md5: RuntimeError
+            why = f"download failed: {e}"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name}: {root} not found ({why}). Point --data-dir at the folder "
+                                f"that holds {folder}/, or run without data: --dataset synthetic")
+    return root
+
+
+def _read_cifar(root: Path, files: list[str], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = [], []
+    for f in files:
+        with open(root / f, "rb") as fh:
+            d = pickle.load(fh, encoding="latin1")  # the originals are Python 2 pickles
+        x.append(np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32))  # each row is C, H, W
+        y.append(np.asarray(d[label_key], np.int64))
+    return torch.from_numpy(np.concatenate(x)), torch.from_numpy(np.concatenate(y))
+
+
+def _read_stl(root: Path, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = np.fromfile(root / f"{part}_X.bin", np.uint8).reshape(-1, 3, 96, 96)
+    x = np.ascontiguousarray(x.transpose(0, 1, 3, 2))  # stored column-major (MATLAB order)
+    y = (np.fromfile(root / f"{part}_y.bin", np.uint8).astype(np.int64) - 1 if part != "unlabeled"
+         else np.full(len(x), -1, np.int64))  # labels on disk are 1..10
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def load_images(name: str, data_dir: str | Path, split: str,
+                download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, H, W) and int64 labels (N,) of an in-memory dataset; see module doc."""
+    if split not in ("pretrain", "train", "test"):
+        raise ValueError(f"split must be pretrain, train or test, not {split!r}")
+    if name == "synthetic":
+        n, seed = SYNTHETIC_SPLITS[split]
+        return make_synthetic(n, seed, DATASETS[name].size)
+    if name not in _DOWNLOADS:
+        raise ValueError(f"{name!r} is not held in memory; use pretrain_loader / eval_batches")
+    root = _folder(name, data_dir, download)
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split != "test" else ["test_batch"]
+        return _read_cifar(root, files, "labels")
+    if name == "cifar100":
+        return _read_cifar(root, ["test" if split == "test" else "train"], "fine_labels")
+    if split != "pretrain":
+        return _read_stl(root, split)
+    parts = [_read_stl(root, "unlabeled"), _read_stl(root, "train")]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# ---------------------------------------------------------------------------- synthetic shapes
+def _plus(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.minimum(torch.maximum(u.abs() - 0.3, v.abs() - 0.9),
+                         torch.maximum(v.abs() - 0.3, u.abs() - 0.9))
+
+
+# Each shape as a signed distance (negative inside) in object coordinates, object radius 1.
+SHAPES = {
+    "disk": lambda u, v: torch.hypot(u, v) - 1,
+    "square": lambda u, v: torch.maximum(u.abs(), v.abs()) - 0.8,
+    "triangle": lambda u, v: torch.maximum(v - 0.5, 0.866 * u.abs() - 0.5 * v - 0.5),
+    "diamond": lambda u, v: (u.abs() + v.abs() - 1) * 0.7071,
+    "ring": lambda u, v: (torch.hypot(u, v) - 0.7).abs() - 0.3,
+    "plus": _plus,
+    "cross": lambda u, v: _plus((u + v) * 0.7071, (u - v) * 0.7071),
+    "frame": lambda u, v: (torch.maximum(u.abs(), v.abs()) - 0.65).abs() - 0.2,
+    "half-disk": lambda u, v: torch.maximum(torch.hypot(u, v - 0.4) - 1, v - 0.4),
+    "hourglass": lambda u, v: torch.maximum(u.abs() - 0.8 * v.abs(), v.abs() - 0.9),
+}
+
+
+def make_synthetic(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images (uint8 (n, 3, size, size)) of one of 10 shapes each, with labels (n,), balanced.
+
+    Position, size, rotation (small, so that plus and cross stay apart), object colour and the
+    background's two-colour gradient are random per image and independent of the class, so only
+    the shape tells the classes apart. Deterministic: the same (n, seed, size), the same tensors.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randperm(n, generator=g) % len(SHAPES)  # random order, counts differ by <= 1
+    p = torch.rand(n, 14, generator=g)
+    # Colours are tinted greys: a random lightness plus a random tint of up to +-0.15 per channel.
+    # Fully random colours make colour the easiest way to tell two images apart, and short
+    # contrastive runs then learn colour, not shape (a probe after 200 steps: no better than an
+    # untrained encoder); with tints they learn shape (35% vs 21% at the same budget).
+    tint = lambda grey, rgb: (grey + 0.3 * rgb - 0.15).clamp(0, 1)
+    fg, bg = tint(p[:, 5:6], p[:, 6:9]), tint(p[:, 9:10], p[:, 10:13])
+    bg2 = (bg + 0.4 * p[:, 13:14] - 0.2).clamp(0, 1)             # the gradient's other end
+    # Keep the object visible: where the background's brightness is within 0.25 of the object's,
+    # shift it to 0.25 below a bright object or 0.25 above a dark one.
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    fg_l, bg_l = fg @ luma, bg @ luma
+    target = torch.where(fg_l > 0.5, fg_l - 0.25, fg_l + 0.25)
+    push = torch.where((bg_l - fg_l).abs() < 0.25, target - bg_l, 0.0)[:, None]
+    p = torch.cat([p[:, :5], fg, (bg + push).clamp(0, 1), (bg2 + push).clamp(0, 1)], 1)
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    for k, shape in enumerate(SHAPES.values()):
+        # one shape at a time, in chunks small enough to stay in the CPU's cache (10x faster)
+        for idx in (labels == k).nonzero().squeeze(1).split(256):
+            images[idx] = _draw(shape, p[idx], size, g)
+    return images, labels
+
+
+def _draw(shape, p: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Images (m, 3, size, size) uint8 of one shape; p (m, 14): centre x, y, radius, rotation,
+    background gradient direction, object colour (3), background colours at the two ends (3 + 3)."""
+    t = (torch.arange(size) + 0.5) / size * 2 - 1      # pixel centres in [-1, 1]
+    ys, xs = torch.meshgrid(t, t, indexing="ij")       # (size, size)
+    cx, cy = p[:, 0, None, None] * 0.8 - 0.4, p[:, 1, None, None] * 0.8 - 0.4  # (m, 1, 1)
+    r = 0.3 + 0.3 * p[:, 2, None, None]               # radius: 30-60% of half the image
+    a = (p[:, 3, None, None] - 0.5) * 0.6              # rotation, +-17 degrees
+    u = (a.cos() * (xs - cx) + a.sin() * (ys - cy)) / r  # (m, size, size) object coordinates
+    v = (a.cos() * (ys - cy) - a.sin() * (xs - cx)) / r
+    # signed distance in pixels -> coverage, with a 1-pixel ramp: anti-aliased edges
+    alpha = (0.5 - shape(u, v) * r * (size / 2)).clamp_(0, 1)
+    d = p[:, 4, None, None] * 2 * math.pi               # background gradient direction
+    ramp = (xs * d.cos() + ys * d.sin()).mul_(0.35).add_(0.5).clamp_(0, 1)
+    x = torch.lerp(p[:, 8:11, None, None], p[:, 11:14, None, None], ramp[:, None])  # (m, 3, S, S)
+    x = x.lerp_(p[:, 5:8, None, None], alpha[:, None])
+    x += 0.03 * torch.randn(len(p), 1, size, size, generator=g)  # sensor noise: nothing is flat
+    return x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------- batched augmentations
+def resized_crop_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor,
+                      size: int) -> torch.Tensor:
+    """Crop box (n, 4) = (top, left, height, width) px of x (n, C, H, W) to size x size, mirror
+    where flip (n,) is set. As torchvision's resized_crop (bilinear, no antialias) + hflip: output
+    pixel centres map linearly into the box, and sample points are clamped to the box's outermost
+    pixel centres, as cropping before resizing does. One grid_sample for the whole batch."""
+    n, _, H, W = x.shape
+    top, left, h, w = box.unbind(1)
+    zero = torch.zeros_like(top)
+    theta = torch.stack([w / W * (1 - 2 * flip.float()), zero, (2 * left + w) / W - 1,  # x row
+                         zero, h / H, (2 * top + h) / H - 1], 1).view(n, 2, 3)          # y row
+    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)  # (n, size, size, 2): x, y
+    lo = torch.stack([(2 * left + 1) / W - 1, (2 * top + 1) / H - 1], 1).view(n, 1, 1, 2)
+    hi = torch.stack([(2 * (left + w) - 1) / W - 1, (2 * (top + h) - 1) / H - 1], 1)
+    hi = hi.view(n, 1, 1, 2)  # lo, hi: centres of the box's first and last pixels
+    grid = torch.minimum(torch.maximum(grid, lo), hi)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, 1, H, W) luma, with torchvision's weights."""
+    r, g, b = x.unbind(1)
+    return (r * 0.2989 + g * 0.587 + b * 0.114).unsqueeze(1)
+
+
+def hue_shift(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of x (n, 3, H, W) in [0, 1] by hue (n,) turns: RGB -> HSV -> RGB."""
+    r, g, b = x.unbind(1)
+    v = x.amax(1)                                 # value
+    chroma = v - x.amin(1)                        # = value * saturation
+    c = torch.where(chroma == 0, 1.0, chroma)     # grey pixels: any hue will do, avoid 0/0
+    h = torch.where(v == r, (g - b) / c, torch.where(v == g, 2 + (b - r) / c, 4 + (r - g) / c))
+    h = (h + 6 * hue.view(-1, 1, 1)).remainder(6)  # hue in sixths of a turn, shifted
+    # HSV -> RGB without branches: channel = v - chroma * clamp(min(k, 4 - k), 0, 1),
+    # k = (m + h) mod 6 with m = 5, 3, 1 for red, green, blue
+    return torch.stack([v - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
+                        for k in ((h + m).remainder(6) for m in (5, 3, 1))], 1)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter on x (n, 3, H, W) in [0, 1], every image with its own factors
+    (n, 4) = (brightness, contrast, saturation, hue) and op order (n, 4), a permutation of 0..3.
+
+    Brightness, contrast and saturation are all blends f*x + (1-f)*target with targets black, the
+    mean grey level, and the grey image; so each of the four slots is one blend whose target
+    depends on the image's op there, plus hue_shift for the images whose op is hue."""
+    for k in range(4):
+        op = order[:, k].view(-1, 1, 1, 1)
+        f = factors.gather(1, order[:, k:k + 1]).view(-1, 1, 1, 1)
+        gray = grayscale(x)
+        target = torch.where(op == 0, 0.0, torch.where(op == 1, gray.mean((1, 2, 3), True), gray))
+        blend = (x * f + target * (1 - f)).clamp(0, 1)
+        x = torch.where(op == 3, hue_shift(x, factors[:, 3]), blend)
+    return x
+
+
+def _blur_kernel(size: int) -> int:
+    return int(0.1 * size) // 2 * 2 + 1  # ~10% of the image (SimCLR), odd so it has a centre
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur x (n, C, H, W) with a Gaussian of std sigma (n,) px per image, reflect padding as in
+    torchvision. Separable: one grouped conv per axis, a group for every (image, channel)."""
+    n, c, H, W = x.shape
+    half = kernel_size // 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*c, K)
+    y = F.pad(x.reshape(1, n * c, H, W), [half] * 4, mode="reflect")
+    y = F.conv2d(y, k.view(n * c, 1, kernel_size, 1), groups=n * c)  # vertical
+    y = F.conv2d(y, k.view(n * c, 1, 1, kernel_size), groups=n * c)  # horizontal
+    return y.view(n, c, H, W)
+
+
+_STATS: dict = {}  # (mean, std, device) -> tensors: made once, as each is a host-to-device copy
+
+
+def _standardize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    key = (tuple(mean), tuple(std), x.device)
+    if key not in _STATS:
+        _STATS[key] = (torch.tensor(mean, device=x.device).view(3, 1, 1),
+                       torch.tensor(std, device=x.device).view(3, 1, 1))
+    m, s = _STATS[key]
+    return (x - m) / s
+
+
+def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 (n, 3, H, W) -> float, normalised, not augmented: the input for feature extraction."""
+    return standardize(images.float() / 255, info)
+
+
+def standardize(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """float images in [0, 1] (n, 3, H, W) -> normalised with the dataset's mean and std."""
+    return _standardize(x, info.mean, info.std)
+
+
+class SimCLRAugment:
+    """SimCLR's view distribution: random resized crop (area in crop_scale, aspect 3/4..4/3),
+    flip p=0.5, colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8 in random order (SimCLR's colour
+    strength 0.5, its CIFAR setting), grayscale p=0.2, blur p=0.5 with sigma U(0.1, 2) and a
+    kernel 10% of the image (if blur), then normalisation.
+
+    Inputs are size x size (in-memory datasets are stored at their training size), so crops are
+    never downscaled and bilinear sampling needs no antialiasing. Parameters are drawn apart from
+    their application so a loader can draw them for the global batch and apply one rank's rows.
+    """
+
+    def __init__(self, size: int, crop_scale: tuple[float, float], blur: bool,
+                 mean: tuple[float, ...], std: tuple[float, ...]):
+        self.size, self.crop_scale, self.blur = size, crop_scale, blur
+        self.mean, self.std = mean, std
+        self.kernel = _blur_kernel(size)
+
+    @classmethod
+    def for_dataset(cls, info: DatasetInfo) -> "SimCLRAugment":
+        return cls(info.size, info.crop_scale, info.blur, info.mean, info.std)
+
+    def sample_params(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        u = torch.rand(n, 35, generator=generator, device=generator.device)  # all draws, one kernel
+        S = self.size
+        # torchvision's RandomResizedCrop.get_params: 10 tries of (area, log aspect), take the
+        # first box that fits; if none does, the whole image (aspect already in range: square).
+        area = S * S * (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * u[:, :10])
+        aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 10:20])
+        w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()  # (n, 10) each
+        fits = (w >= 1) & (w <= S) & (h >= 1) & (h <= S)
+        first = fits.int().argmax(1, keepdim=True)  # index of the first True (0 if none)
+        ok = fits.any(1)
+        w = torch.where(ok, w.gather(1, first).squeeze(1), S)
+        h = torch.where(ok, h.gather(1, first).squeeze(1), S)
+        top = torch.minimum((u[:, 20] * (S - h + 1)).floor(), S - h)  # randint(0, S-h+1)
+        left = torch.minimum((u[:, 21] * (S - w + 1)).floor(), S - w)
+        jitter = u[:, 23] < 0.8
+        factors = torch.stack([0.6 + 0.8 * u[:, 24], 0.6 + 0.8 * u[:, 25], 0.6 + 0.8 * u[:, 26],
+                               0.2 * u[:, 27] - 0.1], 1)  # brightness, contrast, saturation, hue
+        return {"box": torch.stack([top, left, h, w], 1),
+                "flip": u[:, 22] < 0.5,
+                "jitter": jitter, "factors": factors,
+                "order": u[:, 28:32].argsort(1),  # a uniformly random permutation per image
+                "gray": u[:, 32] < 0.2,
+                "blur": (u[:, 33] < 0.5) & self.blur, "sigma": 0.1 + 1.9 * u[:, 34]}
+
+    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        if images.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"expected {self.size}x{self.size} images, got {tuple(images.shape)}")
+        p = {k: v.to(images.device, non_blocking=True) for k, v in params.items()}  # often no-op
+        per_image = lambda m: m.view(-1, 1, 1, 1)  # (n,) mask -> broadcasts over (n, 3, H, W)
+        x = images.float() / 255                                            # (n, 3, S, S)
+        x = resized_crop_flip(x, p["box"], p["flip"], self.size)
+        x = torch.where(per_image(p["jitter"]), color_jitter(x, p["factors"], p["order"]), x)
+        x = torch.where(per_image(p["gray"]), grayscale(x).expand_as(x), x)
+        if self.blur:
+            x = torch.where(per_image(p["blur"]), gaussian_blur(x, p["sigma"], self.kernel), x)
+        return _standardize(x, self.mean, self.std)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.apply(images, self.sample_params(len(images), generator))
+
+
+# ---------------------------------------------------------------------------- loaders
+def _generator(device: torch.device, *keys: int) -> torch.Generator:
+    """A generator seeded by the tuple keys, e.g. (seed, epoch, step): the same numbers on every
+    rank and after a resume. SeedSequence mixes the keys, so (1, 2) and (2, 1) differ. CUDA draws
+    on the device; other devices draw on the CPU, whose streams every torch build supports."""
+    seed = int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0])
+    return torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(seed)
+
+
+def _local_batch(global_batch: int, world_size: int) -> int:
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} does not split evenly over {world_size} "
+                         f"processes: use a batch size that is a multiple of {world_size}")
+    return global_batch // world_size
+
+
+class InMemoryLoader:
+    """Two augmented views of every image, global_batch images per step across all ranks.
+
+    World-size invariance: the epoch's order comes from a generator seeded by (seed, epoch), the
+    parameters of both views of the whole global batch from one seeded by (seed, epoch, step), and
+    rank r takes rows [r*b, (r+1)*b), b = global_batch // world_size. So 1 process and 4 processes
+    see the same global batches with the same augmentations, and resuming at an epoch boundary
+    replays an uninterrupted run. The last incomplete global batch is dropped.
+    """
+
+    def __init__(self, images: torch.Tensor, global_batch: int, augment: SimCLRAugment,
+                 seed: int, rank: int = 0, world_size: int = 1):
+        self.b = _local_batch(global_batch, world_size)
+        if len(images) < global_batch:
+            raise ValueError(f"{len(images)} images, fewer than one global batch ({global_batch})")
+        self.images, self.augment, self.seed = images, augment, seed  # images: uint8 (N, 3, S, S)
+        self.B, self.rank, self.device = global_batch, rank, images.device
+        self.gen_device = _generator(self.device, 0).device
+        mine = torch.arange(rank * self.b, (rank + 1) * self.b, device=self.gen_device)
+        self.rows = torch.cat([mine, mine + global_batch])  # this rank's rows of view 1 and view 2
+
+    def __len__(self) -> int:
+        return len(self.images) // self.B
+
+    def epoch(self, e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = _generator(self.device, self.seed, e)
+        order = torch.randperm(len(self.images), generator=g, device=self.gen_device)
+        order = order.to(self.device)
+        for step in range(len(self)):
+            start = step * self.B + self.rank * self.b
+            x = self.images[order[start:start + self.b]]                    # (b, 3, S, S) uint8
+            g = _generator(self.device, self.seed, e, step)
+            params = self.augment.sample_params(2 * self.B, g)  # both views of the global batch
+            params = {k: v[self.rows] for k, v in params.items()}           # (2b, ...): this rank's
+            yield self.augment.apply(torch.cat([x, x]), params).chunk(2)    # both views in one pass
+
+
+class _TwoViews:
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), self.transform(image)
+
+
+class FolderLoader:
+    """ImageNet-style folders (root/train/<class>/*.JPEG), too big for memory: DataLoader workers
+    decode and augment each image with torchvision's transforms and hand over uint8 views (a
+    quarter of float32's bytes to copy), normalised on the device. A DistributedSampler gives each
+    rank its share. Not world-size invariant: which worker draws an augmentation depends on it."""
+
+    def __init__(self, root: str | Path, info: DatasetInfo, global_batch: int, seed: int,
+                 device: torch.device, rank: int = 0, world_size: int = 1, workers: int = 8,
+                 subset: int = 0):
+        views = v2.Compose([
+            v2.ToImage(), v2.RandomResizedCrop(info.size, scale=info.crop_scale, antialias=True),
+            v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(0.2),
+            v2.RandomApply([v2.GaussianBlur(_blur_kernel(info.size), (0.1, 2.0))],
+                           p=0.5 * info.blur)])
+        folder = ImageFolder(str(Path(root) / "train"), transform=_TwoViews(views))
+        if subset:  # files are sorted by class: take every k-th so that all classes stay
+            folder = Subset(folder, range(0, len(folder), max(1, len(folder) // subset))[:subset])
+        # shuffles with (seed, epoch); given rank and size it needs no process group
+        self.sampler = DistributedSampler(folder, world_size, rank, shuffle=True, seed=seed,
+                                          drop_last=True)
+        self.loader = DataLoader(folder, _local_batch(global_batch, world_size),
+                                 sampler=self.sampler, num_workers=workers, drop_last=True,
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                 generator=_generator(torch.device("cpu"), seed, rank))
+        self.info, self.device = info, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(e)
+        for (x1, x2), _ in self.loader:
+            yield (normalize(x1.to(self.device, non_blocking=True), self.info),
+                   normalize(x2.to(self.device, non_blocking=True), self.info))
+
+
+def pretrain_loader(name: str, data_dir: str | Path, global_batch: int, seed: int,
+                    device: torch.device, rank: int = 0, world_size: int = 1, workers: int = 8,
+                    subset: int = 0) -> InMemoryLoader | FolderLoader:
+    """The training loader dataset `name` needs; both have len() and .epoch(e) -> (x1, x2).
+    subset > 0: `subset` images only, the first ones (folders: spread over the classes)."""
+    info = DATASETS[name]
+    if not info.in_memory:
+        return FolderLoader(data_dir, info, global_batch, seed, device, rank, world_size, workers,
+                            subset)
+    images = load_images(name, data_dir, "pretrain")[0]
+    images = (images[:subset] if subset else images).to(device)  # (N, 3, S, S) uint8
+    return InMemoryLoader(images, global_batch, SimCLRAugment.for_dataset(info), seed, rank,
+                          world_size)
+
+
+def eval_batches(name: str, data_dir: str | Path, split: str, batch_size: int,
+                 device: torch.device, workers: int = 8
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Labelled, un-augmented (uint8 (B, 3, S, S), labels (B,)) batches on device, for linear
+    evaluation through normalize. Folders (root/val for "test"): resize to 8/7 S, centre crop."""
+    info = DATASETS[name]
+    if info.in_memory:
+        x, y = load_images(name, data_dir, split)
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        return
+    t = v2.Compose([v2.ToImage(), v2.Resize(info.size * 8 // 7, antialias=True),
+                    v2.CenterCrop(info.size)])
+    folder = ImageFolder(str(Path(data_dir) / ("val" if split == "test" else "train")), transform=t)
+    pin = device.type == "cuda"
+    for x, y in DataLoader(folder, batch_size, num_workers=workers, pin_memory=pin):
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
