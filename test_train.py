@@ -235,3 +235,161 @@ def test_imagefolder_loader_gives_two_normalised_views_and_eval_gives_uint8_cent
     assert x.shape == (6, 3, 224, 224) and x.dtype == torch.uint8
     assert y.tolist() == [0, 0, 0, 1, 1, 1]
 
+
+# ---------------------------------------------------------------------------- train.py
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import local_units
+import train
+
+TINY = ["--dataset", "synthetic", "--width", "0.125", "--subset", "256", "--batch-size", "64",
+        "--lr", "2.0", "--warmup-epochs", "0.5", "--log-every", "1000"]
+
+
+def state(run: Path) -> dict:
+    return torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
+
+
+def log_losses(run: Path) -> torch.Tensor:
+    with open(run / "log.csv") as f:
+        rows = [r for r in f.read().splitlines()[1:]]
+    return torch.tensor([[float(v) for v in r.split(",")[3:]] for r in rows])  # (steps, units)
+
+
+@pytest.mark.parametrize("method", local_units.METHODS)
+def test_a_tiny_run_of_each_method_lowers_every_units_loss(method, tmp_path):
+    train.main([*TINY, "--method", method, "--epochs", "6", "--out", str(tmp_path)])
+    losses = log_losses(tmp_path)                     # 24 steps of 4 units (1 for simclr)
+    assert losses.shape == (24, 1 if method == "simclr" else 4)
+    first, last = losses[:4].mean(0), losses[-4:].mean(0)
+    assert (last < first - 0.05).all(), (first, last)
+
+
+def test_resuming_after_epoch_one_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    args = [*TINY, "--method", "loco", "--epochs", "2"]
+    train.main([*args, "--out", str(tmp_path / "straight")])
+
+    save = train.save_atomic
+    def save_then_crash(obj, path):                  # dies right after the epoch-0 checkpoint
+        save(obj, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_atomic", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, "--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(train, "save_atomic", save)
+    assert state(tmp_path / "resumed")["epoch"] == 0
+    train.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
+
+    a, b = state(tmp_path / "straight"), state(tmp_path / "resumed")
+    for part in ("encoder", "heads"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert torch.equal(log_losses(tmp_path / "straight"), log_losses(tmp_path / "resumed"))
+
+
+def test_checkpoint_keys_carry_no_wrapper_prefix(tmp_path):
+    train.main([*TINY, "--method", "gim", "--epochs", "1", "--out", str(tmp_path)])
+    ckpt = state(tmp_path)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["encoder"])
+    assert set(ckpt["encoder"]) == set(train.model.resnet18(0.125, "cifar").state_dict())
+    assert ckpt["config"]["method"] == "gim" and ckpt["units"] == [[k, k] for k in range(4)]
+
+
+def test_torchrun_with_two_processes_leaves_the_parameters_of_one_process(tmp_path):
+    """One LoCo step, batch 64: one process, and two processes of 32 under torchrun (gloo). With
+    global BatchNorm (--sync-bn), everything in the step is the same computation."""
+    args = [*TINY, "--method", "loco", "--epochs", "1", "--subset", "64", "--sync-bn"]
+    train.main([*args, "--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "--master-port", str(free_port()), "train.py", *args,
+                    "--out", str(tmp_path / "two")],
+                   check=True, env=env, cwd=Path(__file__).parent, capture_output=True)
+    one, two = state(tmp_path / "one"), state(tmp_path / "two")
+    for part in ("encoder", "heads"):
+        for k in one[part]:
+            torch.testing.assert_close(two[part][k], one[part][k], rtol=1e-4, atol=1e-5,
+                                       msg=f"{part}.{k}")
+    torch.testing.assert_close(log_losses(tmp_path / "two"), log_losses(tmp_path / "one"))
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_lars_equals_a_per_parameter_reference():
+    torch.manual_seed(0)
+    ps = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    ref = [p.detach().clone() for p in ps]
+    opt = train.LARS([{"params": ps[:1]}, {"params": ps[1:], "lars": False, "weight_decay": 0.0}],
+                     lr=0.5, weight_decay=1e-2)
+    bufs = [torch.zeros_like(r) for r in ref]
+    for _ in range(3):
+        grads = [torch.randn_like(r) for r in ref]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (r, g) in enumerate(zip(ref, grads)):   # SimCLR's LARS, one tensor at a time
+            if i == 0:
+                g = g + 1e-2 * r
+                g = g * 1e-3 * r.norm() / g.norm()
+            bufs[i] = 0.9 * bufs[i] + 0.5 * g
+            r -= bufs[i]
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p.detach(), r)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_per_step():
+    lrs = [train.lr_at(s, 1.0, 10, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
+
+
+def test_unknown_method_or_arch_is_refused_with_the_choices(capsys):
+    for flag, value in [("--method", "byol"), ("--arch", "vgg")]:
+        with pytest.raises(SystemExit):
+            train.main([flag, value])
+        err = capsys.readouterr().err
+        assert f"invalid choice: '{value}'" in err and ("loco" in err or "resnet50" in err)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="multiple of 3"):
+        train.main([*TINY, "--out", str(tmp_path)])
+
+
+def test_missing_dataset_offline_names_the_way_out(monkeypatch, tmp_path):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(data, "download_and_extract_archive", offline)
+    with pytest.raises(FileNotFoundError, match="--data-dir.*--dataset synthetic"):
+        train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
+    train.main([*TINY, "--method", "gim", "--epochs", "1", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="method"):
+        train.main([*TINY, "--method", "loco", "--epochs", "2", "--out", str(tmp_path), "--resume"])
+    with pytest.raises(FileExistsError, match="--resume"):   # and never overwrites it unasked
+        train.main([*TINY, "--method", "gim", "--epochs", "1", "--out", str(tmp_path)])
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    args = [*TINY, "--method", "loco", "--out", str(tmp_path)]
+    train.main([*args, "--epochs", "1"])
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    step = local_units.train_step
+    monkeypatch.setattr(train.L, "train_step", lambda *a: [l * math.nan for l in step(*a)])
+    with pytest.raises(FloatingPointError, match="NaN.*last good"):
+        train.main([*args, "--epochs", "2", "--resume"])
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
