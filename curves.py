@@ -1,0 +1,75 @@
+"""Every decoder's training loss over time, from train.py's log.csv: the paper's Fig. 2.
+
+    python curves.py runs/simclr runs/gim runs/loco --out curves.png
+
+One panel per run, one line per unit (a unit is named by the stages its loss trains: LoCo's
+"stages 1-2" is the decoder on stage 2 whose loss also reaches stage 1). If a SimCLR run is among
+the inputs, its single loss is drawn in every other panel as a dashed grey reference, which is
+how the paper compares: LoCo's decoders track SimCLR's loss, GIM's low decoders do not.
+"""
+
+import argparse
+import csv
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def read_log(run: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Fractional epochs (T,) and each unit's loss (T,) from run/log.csv."""
+    with open(run / "log.csv") as f:
+        rows = list(csv.reader(f))
+    header, values = rows[0], np.array(rows[1:], dtype=float)
+    epoch, step = values[:, 0], values[:, 1]
+    steps_per_epoch = max(1, int((epoch == epoch[0]).sum()))
+    return step / steps_per_epoch, {h: values[:, i] for i, h in enumerate(header) if i >= 3}
+
+
+def smooth(y: np.ndarray, window: int) -> np.ndarray:
+    """Moving average; the first points average over what exists so far."""
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    n = np.minimum(np.arange(1, len(y) + 1), window)
+    return (c[1:] - c[np.arange(1, len(y) + 1) - n]) / n
+
+
+def method_of(run: Path) -> str:
+    ckpt = run / "ckpt.pt"
+    if ckpt.exists():
+        return torch.load(ckpt, map_location="cpu", weights_only=True)["config"]["method"]
+    return run.name
+
+
+def main(argv: list[str] | None = None) -> plt.Figure:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run directories holding log.csv")
+    p.add_argument("--out", default="curves.png")
+    args = p.parse_args(argv)
+
+    runs = [(run, method_of(run), *read_log(run)) for run in args.runs]
+    simclr = next(((t, next(iter(losses.values()))) for _, m, t, losses in runs
+                   if m == "simclr"), None)
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2), squeeze=False,
+                             sharey=True)
+    for ax, (run, method, t, losses) in zip(axes[0], runs):
+        window = max(1, len(t) // 50)
+        if simclr is not None and method != "simclr":
+            ax.plot(simclr[0], smooth(simclr[1], max(1, len(simclr[0]) // 50)), "--",
+                    color="grey", label="SimCLR")
+        for name, y in losses.items():
+            ax.plot(t, smooth(y, window), label="stages " + name.removeprefix("loss_s"))
+        ax.set_title({"simclr": "SimCLR", "gim": "GIM", "loco": "LoCo"}.get(method, method))
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("InfoNCE loss")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+    return fig
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""t-SNE of what each method learned: the paper's Fig. 3, one panel per checkpoint.
+
+    python tsne.py runs/simclr/ckpt.pt runs/gim/ckpt.pt runs/loco/ckpt.pt --out tsne.png
+
+Test images of the first 10 classes, 50 of each (the paper: 500 ImageNet validation images of
+the first 10 classes), embedded by the global-average-pooled output of the encoder's last stage,
+then t-SNE (scikit-learn, fixed seed). Points are coloured by class, panels titled by method.
+"""
+
+import argparse
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
+import torch
+from sklearn.manifold import TSNE
+
+import data
+from linear_eval import load_encoder, stage_features
+
+
+def first_per_class(name: str, data_dir: str, classes: int = 10, per_class: int = 50):
+    """uint8 images and labels: the first `per_class` test images of each of the first classes."""
+    xs, ys = [], []
+    for x, y in data.eval_batches(name, data_dir, "test", 1024, torch.device("cpu")):
+        xs.append(x), ys.append(y)
+    x, y = torch.cat(xs), torch.cat(ys)
+    keep = torch.cat([(y == c).nonzero().squeeze(1)[:per_class] for c in range(classes)])
+    return x[keep], y[keep]
+
+
+def main(argv: list[str] | None = None) -> plt.Figure:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("ckpts", nargs="+", help="ckpt.pt files written by train.py")
+    p.add_argument("--out", default="tsne.png")
+    p.add_argument("--data-dir", default=None, help="default: the one used in pre-training")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    fig, axes = plt.subplots(1, len(args.ckpts), figsize=(3.2 * len(args.ckpts), 3.4),
+                             squeeze=False)
+    for ax, path in zip(axes[0], args.ckpts):
+        encoder, cfg = load_encoder(path, torch.device(args.device))
+        x, y = first_per_class(cfg["dataset"], args.data_dir or cfg["data_dir"])
+        feats, _ = stage_features(encoder, [(x, y)], data.DATASETS[cfg["dataset"]])
+        xy = TSNE(2, perplexity=30, init="pca", random_state=0).fit_transform(feats[-1].cpu().numpy())
+        ax.scatter(xy[:, 0], xy[:, 1], c=y.numpy(), cmap="tab10", s=6, vmin=0, vmax=9)
+        ax.set_title({"simclr": "SimCLR", "gim": "GIM", "loco": "LoCo"}[cfg["method"]])
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+    return fig
+
+
+if __name__ == "__main__":
+    main()
