@@ -66,7 +66,8 @@ class Head(nn.Module):
         super().__init__()
         self.block = (Bottleneck(channels, max(1, channels // 4), channels, stride=2) if local
                       else nn.Identity())
-        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.BatchNorm1d(channels),
+        self.mlp = nn.Sequential(nn.Linear(channels, channels, bias=False),  # BN follows
+                                 nn.BatchNorm1d(channels),
                                  nn.ReLU(inplace=True), nn.Linear(channels, dim))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
