@@ -185,6 +185,18 @@ def test_stages_chain_to_the_full_forward_with_the_expected_shapes(arch, stem):
     assert shapes == [(c, s, s) for c, s in zip(encoder.channels, NATIVE_SHAPES[arch, stem])]
 
 
+@pytest.mark.parametrize("arch,gmacs", [("resnet50", 4.09), ("presnet50", 4.16),
+                                        ("shufflenet_v2_50", 2.3)])
+def test_encoders_cost_their_published_flops_at_224(arch, gmacs):
+    """ResNet-50 as torchvision counts it; PResNet-50 as the paper's Table 6 (4.16 G); ShuffleNet
+    v2-50 as its paper (2.3 G). A dropped group or a misplaced stride moves these by far more."""
+    from torch.utils.flop_counter import FlopCounterMode
+    encoder = model.build_encoder(arch).eval()
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        encoder(torch.randn(1, 3, 224, 224))
+    assert flops.get_total_flops() / 2e9 == pytest.approx(gmacs, rel=0.01)
+
+
 def test_full_width_resnet50_has_the_published_size():
     encoder = model.resnet50()
     assert encoder.channels == [256, 512, 1024, 2048]
