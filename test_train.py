@@ -237,6 +237,7 @@ def test_imagefolder_loader_gives_two_normalised_views_and_eval_gives_uint8_cent
 
 
 # ---------------------------------------------------------------------------- train.py
+import copy
 import math
 import os
 import subprocess
@@ -322,6 +323,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_compiled_loco_step_leaves_the_gradients_of_an_eager_one():
+    """Guards --compile: LoCo's second backward through a shared stage once came out wrong."""
+    torch.manual_seed(0)
+    encoder = train.model.resnet18(0.125, "cifar")
+    units = local_units.make_units("loco", 4)
+    heads = local_units.make_heads("loco", encoder.channels, units)
+    eager = [copy.deepcopy(encoder), copy.deepcopy(heads)]
+    train.compile_in_place(list(encoder.stages))
+    x1, x2 = torch.randn(2, 8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    local_units.train_step(encoder, heads, units, x1, x2, 0.5)
+    local_units.train_step(*eager, units, x1, x2, 0.5)
+    for p, q in zip(encoder.parameters(), eager[0].parameters()):
+        assert (p.grad - q.grad).norm() <= 1e-4 * q.grad.norm()
 
 
 def test_lars_equals_a_per_parameter_reference():

@@ -159,6 +159,20 @@ def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
         g.copy_(f.view_as(g))
 
 
+def compile_in_place(modules: list[nn.Module]) -> None:
+    """torch.compile each stage and head in place (no "_orig_mod." prefix in state_dict keys).
+
+    LoCo backpropagates twice through a shared stage, the first time with retain_graph=True, and
+    two settings make that correct: no donated buffers (they refuse retain_graph), and static
+    shapes: with automatic dynamic shapes, inductor (torch 2.14, CPU) gave wrong weight gradients
+    on the second backward through a stage compiled after a same-code stage of another shape.
+    test_train.py compares a compiled LoCo step with an eager one."""
+    import torch._functorch.config
+    torch._functorch.config.donated_buffer = False
+    for m in modules:
+        m.compile(dynamic=False)
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     """Write to a temporary file beside `path`, then rename: a crash mid-write leaves the old file."""
     tmp = path.with_suffix(".tmp")
@@ -214,9 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         encoder, heads = sync_batchnorm(encoder, device), sync_batchnorm(heads, device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     encoder.to(device, memory_format=fmt), heads.to(device, memory_format=fmt)
-    if args.compile:  # in place, so state_dict keys keep no "_orig_mod." prefix
-        for m in [*encoder.stages, *heads]:
-            m.compile()
+    if args.compile:
+        compile_in_place([*encoder.stages, *heads])
     names = ["loss_s" + (f"{u.first + 1}" if u.first == u.last else f"{u.first + 1}-{u.last + 1}")
              for u in units]
 
