@@ -397,6 +397,9 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
         train.main([*TINY, "--method", "loco", "--epochs", "2", "--out", str(tmp_path), "--resume"])
     with pytest.raises(FileExistsError, match="--resume"):   # and never overwrites it unasked
         train.main([*TINY, "--method", "gim", "--epochs", "1", "--out", str(tmp_path)])
+    torch.save({"state_dict": {}}, tmp_path / "ckpt.pt")          # somebody else's file
+    with pytest.raises(ValueError, match="not a checkpoint written by train.py"):
+        train.main([*TINY, "--method", "gim", "--epochs", "2", "--out", str(tmp_path), "--resume"])
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     start_epoch = 0
     if args.resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"config", "encoder", "heads"} <= set(ckpt):
+            raise ValueError(f"{ckpt_path} is not a checkpoint written by train.py")
         keep = ("method", "arch", "width", "dataset", "batch_size", "seed", "subset")
-        diff = {k: (ckpt["config"][k], getattr(args, k)) for k in keep
+        diff = {k: (ckpt["config"].get(k), getattr(args, k)) for k in keep
                 if ckpt["config"].get(k) != getattr(args, k)}
         if diff:
             raise ValueError(f"{ckpt_path} was written with another configuration "
