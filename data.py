@@ -4,7 +4,7 @@
     load_images(name, data_dir, split, download=True) -> uint8 images (N, 3, H, W), labels (N,)
         split "pretrain": what contrastive training sees (STL-10: unlabeled + train, label -1 for
         unlabeled); "train", "test": labelled, for linear evaluation
-    make_synthetic(n, seed, size=32) -> (images, labels)   ten shape classes, made here, no download
+    (the `synthetic` images come from shapes.py: ten shape classes drawn in-process, no download)
     SimCLRAugment(size, crop_scale, blur, mean, std)
         .sample_params(n, generator) -> dict of (n, ...) tensors, on the generator's device
         .apply(images_uint8, params) -> float (n, 3, size, size), normalised
@@ -37,6 +37,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms import v2
+
+from shapes import make_synthetic
 
 
 @dataclass(frozen=True)
@@ -142,79 +144,6 @@ def load_images(name: str, data_dir: str | Path, split: str,
         return _read_stl(root, split)
     parts = [_read_stl(root, "unlabeled"), _read_stl(root, "train")]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-# ---------------------------------------------------------------------------- synthetic shapes
-def _plus(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.minimum(torch.maximum(u.abs() - 0.3, v.abs() - 0.9),
-                         torch.maximum(v.abs() - 0.3, u.abs() - 0.9))
-
-
-# Each shape as a signed distance (negative inside) in object coordinates, object radius 1.
-SHAPES = {
-    "disk": lambda u, v: torch.hypot(u, v) - 1,
-    "square": lambda u, v: torch.maximum(u.abs(), v.abs()) - 0.8,
-    "triangle": lambda u, v: torch.maximum(v - 0.5, 0.866 * u.abs() - 0.5 * v - 0.5),
-    "diamond": lambda u, v: (u.abs() + v.abs() - 1) * 0.7071,
-    "ring": lambda u, v: (torch.hypot(u, v) - 0.7).abs() - 0.3,
-    "plus": _plus,
-    "cross": lambda u, v: _plus((u + v) * 0.7071, (u - v) * 0.7071),
-    "frame": lambda u, v: (torch.maximum(u.abs(), v.abs()) - 0.65).abs() - 0.2,
-    "half-disk": lambda u, v: torch.maximum(torch.hypot(u, v - 0.4) - 1, v - 0.4),
-    "hourglass": lambda u, v: torch.maximum(u.abs() - 0.8 * v.abs(), v.abs() - 0.9),
-}
-
-
-def make_synthetic(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """n images (uint8 (n, 3, size, size)) of one of 10 shapes each, with labels (n,), balanced.
-
-    Position, size, rotation (small, so that plus and cross stay apart), object colour and the
-    background's two-colour gradient are random per image and independent of the class, so only
-    the shape tells the classes apart. Deterministic: the same (n, seed, size), the same tensors.
-    """
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randperm(n, generator=g) % len(SHAPES)  # random order, counts differ by <= 1
-    p = torch.rand(n, 14, generator=g)
-    # Colours are tinted greys: a random lightness plus a random tint of up to +-0.15 per channel.
-    # Fully random colours make colour the easiest way to tell two images apart, and short
-    # contrastive runs then learn colour, not shape (a probe after 200 steps: no better than an
-    # untrained encoder); with tints they learn shape (35% vs 21% at the same budget).
-    tint = lambda grey, rgb: (grey + 0.3 * rgb - 0.15).clamp(0, 1)
-    fg, bg = tint(p[:, 5:6], p[:, 6:9]), tint(p[:, 9:10], p[:, 10:13])
-    bg2 = (bg + 0.4 * p[:, 13:14] - 0.2).clamp(0, 1)             # the gradient's other end
-    # Keep the object visible: where the background's brightness is within 0.25 of the object's,
-    # shift it to 0.25 below a bright object or 0.25 above a dark one.
-    luma = torch.tensor([0.299, 0.587, 0.114])
-    fg_l, bg_l = fg @ luma, bg @ luma
-    target = torch.where(fg_l > 0.5, fg_l - 0.25, fg_l + 0.25)
-    push = torch.where((bg_l - fg_l).abs() < 0.25, target - bg_l, 0.0)[:, None]
-    p = torch.cat([p[:, :5], fg, (bg + push).clamp(0, 1), (bg2 + push).clamp(0, 1)], 1)
-    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    for k, shape in enumerate(SHAPES.values()):
-        # one shape at a time, in chunks small enough to stay in the CPU's cache (10x faster)
-        for idx in (labels == k).nonzero().squeeze(1).split(256):
-            images[idx] = _draw(shape, p[idx], size, g)
-    return images, labels
-
-
-def _draw(shape, p: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
-    """Images (m, 3, size, size) uint8 of one shape; p (m, 14): centre x, y, radius, rotation,
-    background gradient direction, object colour (3), background colours at the two ends (3 + 3)."""
-    t = (torch.arange(size) + 0.5) / size * 2 - 1      # pixel centres in [-1, 1]
-    ys, xs = torch.meshgrid(t, t, indexing="ij")       # (size, size)
-    cx, cy = p[:, 0, None, None] * 0.8 - 0.4, p[:, 1, None, None] * 0.8 - 0.4  # (m, 1, 1)
-    r = 0.3 + 0.3 * p[:, 2, None, None]               # radius: 30-60% of half the image
-    a = (p[:, 3, None, None] - 0.5) * 0.6              # rotation, +-17 degrees
-    u = (a.cos() * (xs - cx) + a.sin() * (ys - cy)) / r  # (m, size, size) object coordinates
-    v = (a.cos() * (ys - cy) - a.sin() * (xs - cx)) / r
-    # signed distance in pixels -> coverage, with a 1-pixel ramp: anti-aliased edges
-    alpha = (0.5 - shape(u, v) * r * (size / 2)).clamp_(0, 1)
-    d = p[:, 4, None, None] * 2 * math.pi               # background gradient direction
-    ramp = (xs * d.cos() + ys * d.sin()).mul_(0.35).add_(0.5).clamp_(0, 1)
-    x = torch.lerp(p[:, 8:11, None, None], p[:, 11:14, None, None], ramp[:, None])  # (m, 3, S, S)
-    x = x.lerp_(p[:, 5:8, None, None], alpha[:, None])
-    x += 0.03 * torch.randn(len(p), 1, size, size, generator=g)  # sensor noise: nothing is flat
-    return x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------- batched augmentations

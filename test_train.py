@@ -10,6 +10,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 import data
+import shapes
 
 
 # ---------------------------------------------------------------------------- data.py
@@ -73,7 +74,7 @@ def test_crop_boxes_lie_inside_the_image_with_area_and_aspect_in_range():
 
 def test_augment_draws_independent_params_per_image():
     aug = data.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
-    x = data.make_synthetic(1, 0)[0].expand(256, -1, -1, -1)  # one image, 256 times
+    x = shapes.make_synthetic(1, 0)[0].expand(256, -1, -1, -1)  # one image, 256 times
     p = aug.sample_params(256, torch.Generator().manual_seed(4))
     assert len(set(map(tuple, p["box"].tolist()))) > 128
     assert len(set(map(tuple, p["order"].tolist()))) == 24  # all permutations of the 4 jitter ops
@@ -96,7 +97,7 @@ def _views(loader: data.InMemoryLoader, epoch: int) -> list[tuple[torch.Tensor, 
 
 
 def test_two_ranks_slices_concatenated_equal_the_one_rank_batch():
-    images = data.make_synthetic(100, 0)[0]
+    images = shapes.make_synthetic(100, 0)[0]
     aug = data.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
     one = _views(data.InMemoryLoader(images, 32, aug, seed=7), epoch=3)
     ranks = [_views(data.InMemoryLoader(images, 32, aug, seed=7, rank=r, world_size=2), epoch=3)
@@ -139,9 +140,9 @@ def test_batch_not_divisible_by_world_size_raises_and_says_what_to_do():
 
 
 def test_synthetic_data_is_deterministic_from_the_seed_and_balanced():
-    x, y = data.make_synthetic(300, seed=3)
-    x2, y2 = data.make_synthetic(300, seed=3)
-    x3, _ = data.make_synthetic(300, seed=4)
+    x, y = shapes.make_synthetic(300, seed=3)
+    x2, y2 = shapes.make_synthetic(300, seed=3)
+    x3, _ = shapes.make_synthetic(300, seed=4)
     assert x.shape == (300, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
     assert torch.equal(x, x2) and torch.equal(y, y2) and not torch.equal(x, x3)
     assert torch.bincount(y).tolist() == [30] * 10
@@ -149,7 +150,7 @@ def test_synthetic_data_is_deterministic_from_the_seed_and_balanced():
 
 
 def test_synthetic_colour_is_not_tied_to_class_and_the_stats_table_is_current():
-    x, y = data.make_synthetic(5000, seed=0)
+    x, y = shapes.make_synthetic(5000, seed=0)
     x = x.float() / 255
     colour = x.mean((2, 3))  # (n, 3) mean colour per image
     per_class = torch.stack([colour[y == k].mean(0) for k in range(10)])
