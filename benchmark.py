@@ -137,6 +137,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds_per_call(fn, device: torch.device, calls: int, warmup: int = 3) -> float:
+    """Mean wall time of fn() over `calls` calls after `warmup`, the device drained at both ends."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / calls
+
+
 def build(arch: str, method: str, device: torch.device, stem: str = "imagenet"):
     """Encoder, heads, units and optimizer as train.py builds them on `device`."""
     torch.manual_seed(0)
@@ -219,14 +231,7 @@ def speed_table(device: torch.device, configs=SPEED_CONFIGS, steps: int = 20) ->
         for method in L.METHODS:
             encoder, heads, units, opt, fmt = build(arch, method, device, stem)
             step = step_fn(encoder, heads, units, opt, *views(batch, size, device, fmt))
-            for _ in range(3):
-                step()
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync(device)
-            ms = 1000 * (time.perf_counter() - t) / steps
+            ms = 1000 * seconds_per_call(step, device, steps)
             out[arch][method] = {"ms_per_step": round(ms, 2), "images_per_s": round(batch / ms * 1e3)}
         print(f"\n{arch} ({stem} stem), batch {batch} at {size}x{size} on {device}")
         print("method   ms/step   images/s   vs SimCLR")
@@ -245,15 +250,7 @@ def train_table(device: torch.device, data_dir: str, dataset: str = "cifar10", b
     tau = data.DATASETS[dataset].tau
     out = {}
 
-    def rate(fn) -> float:
-        for _ in range(3):
-            fn()
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync(device)
-        return batch * steps / (time.perf_counter() - t)
+    rate = lambda fn: batch / seconds_per_call(fn, device, steps)    # images per second
 
     def endless():                     # epoch after epoch, as a long run sees them
         for e in range(10 ** 9):
