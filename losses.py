@@ -68,5 +68,5 @@ def info_nce(z: torch.Tensor, tau: float) -> torch.Tensor:
         i = torch.arange(n2, device=z.device)
         own = rank * n2 + i                                   # column of each anchor itself
         positive = rank * n2 + (i + n2 // 2) % n2             # column of the other view
-        logits = logits.scatter(1, own[:, None], -math.inf)     # a view is not its own negative
+        logits = logits.scatter(1, own[:, None], -math.inf)   # a view is no negative of itself
         return F.cross_entropy(logits, positive)
