@@ -19,8 +19,6 @@ for a 3x3 stride-1 conv without pooling, the usual choice for 32x32 inputs: the 
 would shrink a CIFAR image to 8x8 before the first residual block.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
