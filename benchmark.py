@@ -208,7 +208,7 @@ def memory_table(archs: list[str], batch: int, size: int, device: torch.device) 
                 torch.cuda.empty_cache()
         print(f"\n{arch}, {batch} images x 2 views at {size}x{size} on {device}: peak memory of "
               f"one step, and SimCLR's over it (the memory saving ratio)")
-        keys = [k for k in ("saved_MiB", "cuda_peak_MiB", "cuda_step_MiB") if k in r]
+        keys = ["saved_MiB"] + (["cuda_peak_MiB", "cuda_step_MiB"] if device.type == "cuda" else [])
         print("method  " + "  ".join(f"{k:>22}" for k in keys) + "   paper")
         for method, r in out[arch].items():
             ratios = {k: out[arch]["simclr"][k] / r[k] for k in keys}

@@ -52,6 +52,11 @@ class DatasetInfo:
     num_classes: int
     in_memory: bool = True               # False: JPEGs decoded by DataLoader workers
 
+    @property
+    def stem(self) -> str:
+        """The encoder stem these images need: small images keep their resolution (model.py)."""
+        return "cifar" if self.size <= 64 else "imagenet"
+
 
 DATASETS = {
     # SimCLR's CIFAR-10 setting (paper, App. B.9): ImageNet's crops, no blur (at 32 px it mostly

@@ -65,9 +65,8 @@ def load_encoder(ckpt_path: str, device: torch.device, random_init: bool = False
         raise ValueError(f"{ckpt_path} is not a checkpoint written by train.py "
                          f"(it needs 'encoder' and 'config')")
     cfg = ckpt["config"]
-    stem = "cifar" if data.DATASETS[cfg["dataset"]].size <= 64 else "imagenet"
     torch.manual_seed(cfg["seed"])
-    encoder = model.build_encoder(cfg["arch"], cfg["width"], stem)
+    encoder = model.build_encoder(cfg["arch"], cfg["width"], data.DATASETS[cfg["dataset"]].stem)
     if not random_init:
         encoder.load_state_dict(ckpt["encoder"])
     encoder.to(device).eval().requires_grad_(False)
@@ -187,12 +186,15 @@ def main(argv: list[str] | None = None) -> dict:
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     name, info = cfg["dataset"], data.DATASETS[cfg["dataset"]]
     data_dir = args.data_dir or cfg["data_dir"]
-    def batches(split):
+
+    def batches(split):                   # (images, labels), the first --subset only if given
         seen = 0
         for x, y in data.eval_batches(name, data_dir, split, 1024, device):
-            if args.subset and seen >= args.subset:
+            if args.subset:
+                x, y = x[:args.subset - seen], y[:args.subset - seen]
+            if len(x) == 0:
                 return
-            yield (x, y) if not args.subset else (x[:args.subset - seen], y[:args.subset - seen])
+            yield x, y
             seen += len(x)
 
     train_f, train_y = stage_features(encoder, batches("train"), info)

@@ -434,7 +434,7 @@ def test_linear_eval_beats_chance_and_a_random_encoder(trained):
     learned = linear_eval.main([str(trained / "ckpt.pt"), "--subset", "2000"])
     random = linear_eval.main([str(trained / "ckpt.pt"), "--subset", "2000", "--random-init"])
     top1 = lambda r: r["stages"][-1]["top1"]
-    assert top1(learned) > 20 > 10                    # chance is 10% on ten shapes
+    assert top1(learned) > 20                         # chance is 10% on ten shapes
     assert top1(learned) > top1(random) + 5, (learned, random)
     assert (trained / "linear_eval_fast.json").exists()
     assert (trained / "linear_eval_fast_random.json").exists()

@@ -123,13 +123,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         n = x.numel() // x.shape[1] * dist.get_world_size()
         mean = AllReduce.apply(x.sum(dims)) / n                    # (C,), over all processes
-        # Two passes: E[x^2] - E[x]^2 in float32 loses digits enough to move gradients by 1e-3.
+        # Two passes: E[x^2] - E[x]^2 in float32 loses enough digits to move gradients by 1e-2.
         var = AllReduce.apply((x - mean.view(shape)).pow(2).sum(dims)) / n
         with torch.no_grad():
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / (n - 1), self.momentum)
             self.num_batches_tracked += 1
-        shape = [1, -1] + [1] * (x.dim() - 2)
         scale = self.weight * torch.rsqrt(var + self.eps)
         return x * scale.view(shape) + (self.bias - mean * scale).view(shape)
 
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     tau = args.tau or info.tau
 
     # Model and heads: the units decide which stages each loss trains (local_units.py).
-    stem = "cifar" if info.size <= 64 else "imagenet"
+    stem = info.stem
     encoder = model.build_encoder(args.arch, args.width, stem)
     units = L.make_units(args.method, len(encoder.stages))
     heads = L.make_heads(args.method, encoder.channels, units)
