@@ -11,7 +11,7 @@
     InMemoryLoader(images, global_batch, augment, seed, rank=0, world_size=1)
         len(loader) steps per epoch; .epoch(e) yields (x1, x2), each (B // world_size, 3, S, S)
     pretrain_loader(name, data_dir, global_batch, seed, device, ...)   whichever loader name needs
-    normalize(images_uint8, info) -> float                 no augmentation: input for features
+    standardize(images, mean, std) -> float                no augmentation: input for features
     eval_batches(name, data_dir, split, batch_size, device)   (uint8 images, labels), any dataset
 
 Why on the device: a ResNet-18 step on a batch of 512 CIFAR images takes ~25 ms on an H100, less
@@ -155,20 +155,23 @@ def load_images(name: str, data_dir: str | Path, split: str,
 def resized_crop_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor,
                       size: int) -> torch.Tensor:
     """Crop box (n, 4) = (top, left, height, width) px of x (n, C, H, W) to size x size, mirror
-    where flip (n,) is set. As torchvision's resized_crop (bilinear, no antialias) + hflip: output
-    pixel centres map linearly into the box, and sample points are clamped to the box's outermost
-    pixel centres, as cropping before resizing does. One grid_sample for the whole batch."""
+    where flip (n,) is set. As torchvision's resized_crop (bilinear, no antialias) + hflip.
+
+    Bilinear resizing is separable: out = Ry @ x @ Rx^T, with per-image matrices Ry (size, H) and
+    Rx (size, W). Output pixel i samples the box at its centre's position, (i + 1/2) * h/size - 1/2,
+    clamped to the box's first and last pixel centres as cropping before resizing does, and the
+    matrix row puts the tent weight max(0, 1 - |position - pixel|) on the two pixels around it.
+    Two batched matrix products for the whole batch, cheaper on a CPU than a grid_sample."""
     n, _, H, W = x.shape
-    top, left, h, w = box.unbind(1)
-    zero = torch.zeros_like(top)
-    theta = torch.stack([w / W * (1 - 2 * flip.float()), zero, (2 * left + w) / W - 1,  # x row
-                         zero, h / H, (2 * top + h) / H - 1], 1).view(n, 2, 3)          # y row
-    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)  # (n, size, size, 2): x, y
-    lo = torch.stack([(2 * left + 1) / W - 1, (2 * top + 1) / H - 1], 1).view(n, 1, 1, 2)
-    hi = torch.stack([(2 * (left + w) - 1) / W - 1, (2 * (top + h) - 1) / H - 1], 1)
-    hi = hi.view(n, 1, 1, 2)  # lo, hi: centres of the box's first and last pixels
-    grid = torch.minimum(torch.maximum(grid, lo), hi)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    top, left, h, w = (v.to(x.dtype).view(n, 1) for v in box.unbind(1))
+    centres = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) / size   # (size,)
+    ys = top + (centres * h - 0.5).clamp(min=0).minimum(h - 1)                     # (n, size)
+    xs = left + (centres * w - 0.5).clamp(min=0).minimum(w - 1)
+    xs = torch.where(flip.view(n, 1), xs.flip(1), xs)                              # mirrored
+    tent = lambda pos, length: (1 - (pos[:, :, None] - torch.arange(
+        length, device=x.device, dtype=x.dtype)).abs()).clamp(min=0)
+    ry, rx = tent(ys, H), tent(xs, W)                            # (n, size, H), (n, size, W)
+    return torch.einsum("nsh,nchw,ntw->ncst", ry, x, rx)         # (n, C, size, size)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -195,17 +198,28 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
     """torchvision's ColorJitter on x (n, 3, H, W) in [0, 1], every image with its own factors
     (n, 4) = (brightness, contrast, saturation, hue) and op order (n, 4), a permutation of 0..3.
 
-    Brightness, contrast and saturation are all blends f*x + (1-f)*target with targets black, the
-    mean grey level, and the grey image; so each of the four slots is one blend whose target
-    depends on the image's op there, plus hue_shift for the images whose op is hue."""
-    for k in range(4):
-        op = order[:, k].view(-1, 1, 1, 1)
-        f = factors.gather(1, order[:, k:k + 1]).view(-1, 1, 1, 1)
-        gray = grayscale(x)
-        target = torch.where(op == 0, 0.0, torch.where(op == 1, gray.mean((1, 2, 3), True), gray))
-        blend = (x * f + target * (1 - f)).clamp(0, 1)
-        x = torch.where(op == 3, hue_shift(x, factors[:, 3]), blend)
-    return x
+    Brightness, contrast and saturation are all blends f*x + (1-f)*target, with targets black, the
+    mean grey level and the grey image, so one slot of the order is one expression for every
+    image, x*f + grey*(1-f if saturation) + mean grey*(1-f if contrast), with f = 1 where the slot
+    does not apply. Hue, the costly op, runs once for the whole batch: each image takes the blends
+    ordered before its hue shift, then the shift, then the blends after it."""
+    hue_slot = order.argmax(1, keepdim=True)                 # (n, 1): where op 3 (hue) sits
+    per_image = lambda v: v.view(-1, 1, 1, 1)
+
+    def blends(x: torch.Tensor, slots: range, applies: torch.Tensor) -> torch.Tensor:
+        for k in slots:
+            op = order[:, k]
+            f = torch.where(applies[:, k], factors.gather(1, order[:, k:k + 1]).squeeze(1), 1.0)
+            grey = grayscale(x)                              # (n, 1, H, W)
+            saturation = (op == 2) * (1 - f)
+            contrast = (op == 1) * (1 - f) * grey.mean((1, 2, 3))
+            x = (x * per_image(f) + grey * per_image(saturation) + per_image(contrast)).clamp(0, 1)
+        return x
+
+    slot = torch.arange(4, device=order.device)
+    x = blends(x, range(0, 3), slot < hue_slot)              # the blends before the hue shift
+    x = hue_shift(x, factors[:, 3])
+    return blends(x, range(1, 4), slot > hue_slot)           # and those after it
 
 
 def _blur_kernel(size: int) -> int:
@@ -229,23 +243,14 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 _STATS: dict = {}  # (mean, std, device) -> tensors: made once, as each is a host-to-device copy
 
 
-def _standardize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+def standardize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """Images (n, 3, H, W), uint8 or float in [0, 1] -> float, per channel (x - mean) / std."""
     key = (tuple(mean), tuple(std), x.device)
     if key not in _STATS:
         _STATS[key] = (torch.tensor(mean, device=x.device).view(3, 1, 1),
                        torch.tensor(std, device=x.device).view(3, 1, 1))
     m, s = _STATS[key]
-    return (x - m) / s
-
-
-def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    """uint8 (n, 3, H, W) -> float, normalised, not augmented: the input for feature extraction."""
-    return standardize(images.float() / 255, info)
-
-
-def standardize(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    """float images in [0, 1] (n, 3, H, W) -> normalised with the dataset's mean and std."""
-    return _standardize(x, info.mean, info.std)
+    return ((x.float() / 255 if x.dtype == torch.uint8 else x) - m) / s
 
 
 class SimCLRAugment:
@@ -305,7 +310,7 @@ class SimCLRAugment:
         x = torch.where(per_image(p["gray"]), grayscale(x).expand_as(x), x)
         if self.blur:
             x = torch.where(per_image(p["blur"]), gaussian_blur(x, p["sigma"], self.kernel), x)
-        return _standardize(x, self.mean, self.std)
+        return standardize(x, self.mean, self.std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.apply(images, self.sample_params(len(images), generator))
@@ -320,7 +325,7 @@ def _generator(device: torch.device, *keys: int) -> torch.Generator:
     return torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(seed)
 
 
-def _local_batch(global_batch: int, world_size: int) -> int:
+def local_batch(global_batch: int, world_size: int) -> int:
     if global_batch % world_size:
         raise ValueError(f"global batch {global_batch} does not split evenly over {world_size} "
                          f"processes: use a batch size that is a multiple of {world_size}")
@@ -339,7 +344,7 @@ class InMemoryLoader:
 
     def __init__(self, images: torch.Tensor, global_batch: int, augment: SimCLRAugment,
                  seed: int, rank: int = 0, world_size: int = 1):
-        self.b = _local_batch(global_batch, world_size)
+        self.b = local_batch(global_batch, world_size)
         if len(images) < global_batch:
             raise ValueError(f"{len(images)} images, fewer than one global batch ({global_batch})")
         self.images, self.augment, self.seed = images, augment, seed  # images: uint8 (N, 3, S, S)
@@ -393,11 +398,11 @@ class FolderLoader:
         # shuffles with (seed, epoch); given rank and size it needs no process group
         self.sampler = DistributedSampler(folder, world_size, rank, shuffle=True, seed=seed,
                                           drop_last=True)
-        self.loader = DataLoader(folder, _local_batch(global_batch, world_size),
+        self.loader = DataLoader(folder, local_batch(global_batch, world_size),
                                  sampler=self.sampler, num_workers=workers, drop_last=True,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                  generator=_generator(torch.device("cpu"), seed, rank))
-        self.info, self.device = info, device
+        self.stats, self.device = (info.mean, info.std), device
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -405,8 +410,8 @@ class FolderLoader:
     def epoch(self, e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(e)
         for (x1, x2), _ in self.loader:
-            yield (normalize(x1.to(self.device, non_blocking=True), self.info),
-                   normalize(x2.to(self.device, non_blocking=True), self.info))
+            yield (standardize(x1.to(self.device, non_blocking=True), *self.stats),
+                   standardize(x2.to(self.device, non_blocking=True), *self.stats))
 
 
 def pretrain_loader(name: str, data_dir: str | Path, global_batch: int, seed: int,
@@ -428,7 +433,7 @@ def eval_batches(name: str, data_dir: str | Path, split: str, batch_size: int,
                  device: torch.device, workers: int = 8
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Labelled, un-augmented (uint8 (B, 3, S, S), labels (B,)) batches on device, for linear
-    evaluation through normalize. Folders (root/val for "test"): resize to 8/7 S, centre crop."""
+    evaluation through standardize. Folders (root/val for "test"): resize to 8/7 S, centre crop."""
     info = DATASETS[name]
     if info.in_memory:
         x, y = load_images(name, data_dir, split)

@@ -81,7 +81,7 @@ def stage_features(encoder: model.StagedEncoder, batches, info: data.DatasetInfo
     device = next(encoder.parameters()).device
     out, labels = [[] for _ in encoder.stages], []
     for x, y in batches:
-        h = data.normalize(x.to(device), info)
+        h = data.standardize(x.to(device), info.mean, info.std)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             for k, stage in enumerate(encoder.stages):
                 h = stage(h)
@@ -149,7 +149,7 @@ def paper_protocol(encoder, train_x, train_y, test_f, test_y, info, classes: int
                                        info.size)
             with torch.no_grad(), torch.autocast("cuda", torch.bfloat16,
                                                  enabled=device.type == "cuda"):
-                h, feats = data.standardize(x, info), []
+                h, feats = data.standardize(x, info.mean, info.std), []
                 for stage in encoder.stages:
                     h = stage(h)
                     feats.append(h.float().mean((2, 3)))
