@@ -2,8 +2,8 @@
 
     python benchmark.py stages    # Table 6 (+ params, GFLOPs of every encoder), counted on the CPU
     python benchmark.py memory    # Table 7: peak memory of one step, simclr vs gim vs loco
-    python benchmark.py speed     # CUDA: ms per step of each method and encoder
-    python benchmark.py train     # CUDA: training images/s on CIFAR-10, ResNet-18, batch 512
+    python benchmark.py speed     # time per step of each method over SimCLR's, and from FLOPs
+    python benchmark.py train     # images/s: the step alone, our loop, the usual pipeline
     python benchmark.py all --out benchmark.json
 
 Activation memory is counted, not sampled: `SavedBytes` watches every tensor autograd saves for
@@ -11,12 +11,14 @@ backward and keeps the running total of those still alive, so its peak is the ac
 a step on any device, the CPU included. On CUDA, `memory` also reads the allocator's peak
 (torch.cuda.max_memory_allocated), which adds weights, gradients, optimizer state and workspaces.
 FLOPs are multiply-accumulates, the paper's convention (plain ResNet-50 at 224 counts 4.09 G),
-from torch's own FlopCounterMode. Timings are taken only on CUDA (bf16 autocast, channels_last,
-as train.py runs there): CPU timings say nothing about the paper's comparison.
+from torch's own FlopCounterMode. Timings run on any device, in the number format and memory layout
+train.py would use there (runtime.py; --precision and --memory-format override), and print the
+device: a CPU timing is a CPU figure, never a GPU one.
 """
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -26,7 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import local_units as L
 import model
-import train
+import recipe
+import runtime
 
 
 class SavedBytes:
@@ -132,83 +135,61 @@ def stages_table() -> dict:
     return out
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds_per_call(fn, device: torch.device, calls: int, warmup: int = 3) -> float:
-    """Mean wall time of fn() over `calls` calls after `warmup`, the device drained at both ends."""
-    for _ in range(warmup):
+def seconds_per_call(fn, rt: runtime.Runtime, calls: int, warmup: int = 2) -> float:
+    """Median wall time of one fn() over `calls` calls after `warmup`, the device drained each time:
+    the median, not the mean, so that a stray pause of a shared machine does not count."""
+    times = []
+    for i in range(warmup + calls):
+        t = time.perf_counter()
         fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t) / calls
+        rt.sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[warmup:])
 
 
-def build(arch: str, method: str, device: torch.device, stem: str = "imagenet"):
-    """Encoder, heads, units and optimizer as train.py builds them on `device`."""
+def build(arch: str, method: str, rt: runtime.Runtime, stem: str = "imagenet",
+          width: float = 1.0) -> recipe.Run:
+    """The run train.py builds for this method and encoder, on rt (seeded: same weights)."""
     torch.manual_seed(0)
-    encoder = model.build_encoder(arch, stem=stem)
-    units = L.make_units(method, len(encoder.stages))
-    heads = L.make_heads(method, encoder.channels, units)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    encoder.to(device, memory_format=fmt), heads.to(device, memory_format=fmt)
-    params = [*encoder.parameters(), *heads.parameters()]
-    opt = train.LARS([{"params": [p for p in params if p.ndim > 1]},
-                      {"params": [p for p in params if p.ndim <= 1], "lars": False,
-                       "weight_decay": 0.0}], lr=0.1)
-    return encoder, heads, units, opt, fmt
+    dataset = "cifar10" if stem == "cifar" else "imagefolder"
+    return recipe.build({"method": method, "arch": arch, "width": width, "dataset": dataset}, rt,
+                        lr=0.1)
 
 
-def views(batch: int, size: int, device: torch.device, fmt) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(2, batch, 3, size, size, device=device)
-    return x[0].contiguous(memory_format=fmt), x[1].contiguous(memory_format=fmt)
+def views(batch: int, size: int, rt: runtime.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(2, batch, 3, size, size, device=rt.device)
+    return x[0], x[1]
 
 
-def step_fn(encoder, heads, units, opt, x1, x2, tau: float = 0.1):
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=x1.device.type == "cuda")
-
-    def step():
-        with autocast:
-            L.train_step(encoder, heads, units, x1, x2, tau)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
-def memory_table(archs: list[str], batch: int, size: int, device: torch.device) -> dict:
+def memory_table(archs: list[str], batch: int, size: int, rt: runtime.Runtime) -> dict:
     """Peak memory of one training step: counted saved bytes, and on CUDA the allocator's peak."""
     out = {}
+    cuda = rt.device.type == "cuda"
     for arch in archs:
         out[arch] = {}
         for method in L.METHODS:
-            encoder, heads, units, opt, fmt = build(arch, method, device)
-            x1, x2 = views(batch, size, device, fmt)
-            step = step_fn(encoder, heads, units, opt, x1, x2)
-            step()                      # warm-up: optimizer state, cuDNN workspaces, allocator
-            sync(device)
+            run = build(arch, method, rt)
+            x1, x2 = views(batch, size, rt)
+            run.step(x1, x2, 0.1, rt)   # warm-up: optimizer state, cuDNN workspaces, allocator
+            rt.sync()
             r = {}
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(rt.device)
+                base = torch.cuda.memory_allocated(rt.device)
             with SavedBytes() as mem:
-                step()
-            sync(device)
+                run.step(x1, x2, 0.1, rt)
+            rt.sync()
             r["saved_MiB"] = mem.peak / 2 ** 20
-            if device.type == "cuda":
-                r["cuda_peak_MiB"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            if cuda:
+                r["cuda_peak_MiB"] = torch.cuda.max_memory_allocated(rt.device) / 2 ** 20
                 r["cuda_step_MiB"] = r["cuda_peak_MiB"] - base / 2 ** 20  # above weights & state
             out[arch][method] = r
-            del encoder, heads, opt, step, x1, x2
-            if device.type == "cuda":
+            del run, x1, x2
+            if cuda:
                 torch.cuda.empty_cache()
-        print(f"\n{arch}, {batch} images x 2 views at {size}x{size} on {device}: peak memory of "
-              f"one step, and SimCLR's over it (the memory saving ratio)")
-        keys = ["saved_MiB"] + (["cuda_peak_MiB", "cuda_step_MiB"] if device.type == "cuda" else [])
+        print(f"\n{arch}, {batch} images x 2 views at {size}x{size}, {rt}: peak memory of one "
+              f"step, and SimCLR's over it (the memory saving ratio)")
+        keys = ["saved_MiB"] + (["cuda_peak_MiB", "cuda_step_MiB"] if cuda else [])
         print("method  " + "  ".join(f"{k:>22}" for k in keys) + "   paper")
         for method, r in out[arch].items():
             ratios = {k: out[arch]["simclr"][k] / r[k] for k in keys}
@@ -219,105 +200,157 @@ def memory_table(archs: list[str], batch: int, size: int, device: torch.device) 
     return out
 
 
-SPEED_CONFIGS = [("resnet18", "cifar", 512, 32), ("resnet50", "imagenet", 128, 224),
-                 ("presnet50", "imagenet", 128, 224)]   # arch, stem, batch, input size
+def step_flops(run: recipe.Run, x1: torch.Tensor, x2: torch.Tensor) -> int:
+    """Multiply-accumulates of one train_step, backward included, as FlopCounterMode counts the
+    convolutions and matrix products actually run (an input gradient that is not asked for is not
+    computed, and not counted)."""
+    with FlopCounterMode(display=False) as flops:
+        L.train_step(run.encoder, run.heads, run.units, x1, x2, 0.1)
+    run.optimizer.zero_grad(set_to_none=True)
+    return flops.get_total_flops() // 2
 
 
-def speed_table(device: torch.device, configs=SPEED_CONFIGS, steps: int = 20) -> dict:
-    """Milliseconds per step (train_step + optimizer) on pre-made inputs, every method."""
+# arch, stem, width, batch, input size: CUDA at the paper's scale, CPUs at one that fits them
+SPEED_CONFIGS = {"cuda": [("resnet18", "cifar", 1.0, 512, 32), ("resnet50", "imagenet", 1.0, 128, 224),
+                          ("presnet50", "imagenet", 1.0, 128, 224)],
+                 "cpu": [("resnet18", "cifar", 0.25, 128, 32), ("resnet50", "imagenet", 1.0, 4, 224)]}
+
+
+def speed_table(rt: runtime.Runtime, steps: int = 10, configs=None) -> dict:
+    """Time per step (train_step + LARS) on pre-made inputs, every method, and each method's step
+    time over SimCLR's next to the same ratio from counted FLOPs: if only arithmetic separates the
+    methods, the two ratios agree."""
+    configs = configs or SPEED_CONFIGS["cuda" if rt.device.type == "cuda" else "cpu"]
     out = {}
-    for arch, stem, batch, size in configs:
-        out[arch] = {}
+    for arch, stem, width, batch, size in configs:
+        key = f"{arch}_x{width}_{stem}" if width != 1 else f"{arch}_{stem}"
+        out[key] = {}
         for method in L.METHODS:
-            encoder, heads, units, opt, fmt = build(arch, method, device, stem)
-            step = step_fn(encoder, heads, units, opt, *views(batch, size, device, fmt))
-            ms = 1000 * seconds_per_call(step, device, steps)
-            out[arch][method] = {"ms_per_step": round(ms, 2), "images_per_s": round(batch / ms * 1e3)}
-        print(f"\n{arch} ({stem} stem), batch {batch} at {size}x{size} on {device}")
-        print("method   ms/step   images/s   vs SimCLR")
-        for method, r in out[arch].items():
-            r["vs_simclr"] = round(r["ms_per_step"] / out[arch]["simclr"]["ms_per_step"], 2)
-            print(f"{method:<7} {r['ms_per_step']:>8.1f}  {r['images_per_s']:>9,}   "
-                  f"{r['vs_simclr']:.2f}x")
+            run = build(arch, method, rt, stem, width)
+            x1, x2 = views(batch, size, rt)
+            s = seconds_per_call(lambda: run.step(x1, x2, 0.1, rt), rt, steps)
+            cpu = runtime.Runtime(torch.device("cpu"), False, torch.float32, False)
+            macs = step_flops(build(arch, method, cpu, stem, width), *views(2, size, cpu)) * batch // 2
+            out[key][method] = {"ms_per_step": round(1000 * s, 2), "images_per_s": round(batch / s),
+                                "gmacs_per_step": round(macs / 1e9, 2)}
+        print(f"\n{arch} x{width} ({stem} stem), batch {batch} x 2 views at {size}x{size}, {rt}")
+        print("method   ms/step   images/s   GMACs/step   time vs SimCLR   FLOPs vs SimCLR")
+        ref = out[key]["simclr"]
+        for method, r in out[key].items():
+            r["time_vs_simclr"] = round(r["ms_per_step"] / ref["ms_per_step"], 3)
+            r["flops_vs_simclr"] = round(r["gmacs_per_step"] / ref["gmacs_per_step"], 3)
+            print(f"{method:<7} {r['ms_per_step']:>8.1f}  {r['images_per_s']:>9,}  "
+                  f"{r['gmacs_per_step']:>11.2f}   {r['time_vs_simclr']:>14.2f}x  "
+                  f"{r['flops_vs_simclr']:>15.2f}x")
     return out
 
 
-def train_table(device: torch.device, data_dir: str, dataset: str = "cifar10", batch: int = 512,
-                steps: int = 50, profile: bool = False) -> dict:
-    """Training images/s as train.py runs (ResNet-18, CIFAR stem): with the real on-device
-    augmentation, with pre-augmented tensors, and the augmentation alone."""
-    loader = data.pretrain_loader(dataset, data_dir, batch, 0, device)
-    tau = data.DATASETS[dataset].tau
-    out = {}
+class TorchvisionViews(torch.utils.data.Dataset):
+    """The usual SimCLR pipeline, for comparison: PIL images, torchvision's transforms applied one
+    image at a time in DataLoader workers (as SimCLR's and most contrastive codebases' loaders)."""
 
-    rate = lambda fn: batch / seconds_per_call(fn, device, steps)    # images per second
+    def __init__(self, images: torch.Tensor, info: data.DatasetInfo):
+        import torchvision.transforms as T
+        self.images = images.permute(0, 2, 3, 1).numpy()          # (N, H, W, 3) uint8 for PIL
+        self.t = T.Compose([
+            T.RandomResizedCrop(info.size, scale=info.crop_scale), T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+            T.ToTensor(), T.Normalize(info.mean, info.std)])
 
-    def endless():                     # epoch after epoch, as a long run sees them
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        image = Image.fromarray(self.images[i])
+        return self.t(image), self.t(image)
+
+
+def train_table(rt: runtime.Runtime, data_dir: str, dataset: str = "cifar10",
+                batch: int | None = None, steps: int = 10, workers: int = 2,
+                settings: tuple = (("fp32", "contiguous"), ("fp32", "channels_last"),
+                                   ("auto", "auto"))) -> dict:
+    """Training images/s of SimCLR, ResNet-18 with the CIFAR stem (x0.25 off CUDA), per number
+    format: the step alone on pre-made views; our loop (on-device batched augmentation, as
+    train.py runs); and the usual pipeline (torchvision per image in DataLoader workers), all
+    three feeding the same model and step. fp32 contiguous is what this repository did on a CPU
+    before the device rule; "auto" is the rule (runtime.py), skipped where it repeats a row."""
+    cuda = rt.device.type == "cuda"
+    batch = batch or (512 if cuda else 256)
+    width = 1.0 if cuda else 0.25
+    info = data.DATASETS[dataset]
+    loader = data.pretrain_loader(dataset, data_dir, batch, 0, rt.device)
+    usual = torch.utils.data.DataLoader(
+        TorchvisionViews(loader.images.cpu(), info), batch, shuffle=True, drop_last=True,
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda)
+
+    def endless(batches):                 # epoch after epoch, as a long run sees them
         for e in range(10 ** 9):
-            yield from loader.epoch(e)
+            yield from batches(e)
 
-    batches = endless()
-    next_views = lambda: next(batches)
-    out["augment_only"] = {"images_per_s": round(rate(next_views))}
-    for method in L.METHODS:
-        encoder, heads, units, opt, fmt = build("resnet18", method, device, "cifar")
-        fixed = [x.contiguous(memory_format=fmt) for x in next_views()]
-        pre = step_fn(encoder, heads, units, opt, *fixed, tau=tau)
-
-        def with_aug():
-            x1, x2 = (x.contiguous(memory_format=fmt) for x in next_views())
-            step_fn(encoder, heads, units, opt, x1, x2, tau)()
-
-        a, p = rate(with_aug), rate(pre)
-        out[method] = {"with_augmentation": round(a), "pre_augmented": round(p),
-                       "kept": round(a / p, 3)}
-        if profile:                     # where the time goes: the top kernels of a few steps
-            with torch.profiler.profile() as prof:
-                for _ in range(5):
-                    with_aug()
-                sync(device)
-            print(f"\n{method}: top operators over 5 steps")
-            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
-    print(f"\nResNet-18 (CIFAR stem) on {dataset}, batch {batch}, {device}: training images/s")
-    print(f"augmentation alone: {out['augment_only']['images_per_s']:,} images/s")
-    print("method   with augmentation   pre-augmented   kept   vs SimCLR")
-    for method in L.METHODS:
-        r = out[method]
-        r["vs_simclr"] = round(r["with_augmentation"] / out["simclr"]["with_augmentation"], 2)
-        print(f"{method:<7} {r['with_augmentation']:>18,}  {r['pre_augmented']:>14,}  "
-              f"{100 * r['kept']:>4.0f}%   {r['vs_simclr']:.2f}x")
+    aug = endless(loader.epoch)
+    augment_s = seconds_per_call(lambda: next(aug), rt, steps)
+    out = {"augment_only_images_per_s": round(batch / augment_s)}
+    for precision, fmt in settings:
+        srt = runtime.setup(str(rt.device), precision, fmt)
+        if str(srt).split(", ", 1)[1] in out:
+            continue
+        run = build("resnet18", "simclr", srt, "cifar", width)
+        tau = info.tau
+        fixed = next(aug)
+        ours = endless(loader.epoch)
+        theirs = endless(lambda e: ((a.to(srt.device, non_blocking=True),
+                                     b.to(srt.device, non_blocking=True)) for a, b in usual))
+        rates = {name: batch / seconds_per_call(lambda: run.step(*views_of(), tau, srt), srt, steps)
+                 for name, views_of in (("model_only", lambda: fixed), ("our_loop", lambda: next(ours)),
+                                        ("usual_pipeline", lambda: next(theirs)))}
+        r = {k: round(v) for k, v in rates.items()}
+        r["loop_vs_model"] = round(rates["our_loop"] / rates["model_only"], 3)
+        r["loop_vs_usual"] = round(rates["our_loop"] / rates["usual_pipeline"], 3)
+        out[str(srt).split(", ", 1)[1]] = r
+    print(f"\nSimCLR, ResNet-18 x{width} (CIFAR stem), {dataset}, batch {batch}, on {rt.device}; "
+          f"usual pipeline: torchvision per PIL image, {workers} DataLoader workers")
+    print(f"augmentation alone (ours): {out['augment_only_images_per_s']:,} images/s")
+    print("setting                      model only   our loop   usual pipeline   loop/model   loop/usual")
+    for name, r in out.items():
+        if isinstance(r, dict):
+            print(f"{name:<28} {r['model_only']:>10,}  {r['our_loop']:>9,}  {r['usual_pipeline']:>15,}"
+                  f"   {r['loop_vs_model']:>9.2f}   {r['loop_vs_usual']:>9.2f}")
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["stages", "memory", "speed", "train", "all"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS)
+    p.add_argument("--memory-format", default="auto", choices=runtime.MEMORY_FORMATS)
     p.add_argument("--batch", type=int, default=None,
-                   help="memory: images per step (default 64 on CUDA, 2 on the CPU)")
+                   help="memory: images per step (default 64 on CUDA, 2 elsewhere); "
+                        "train: (default 512 on CUDA, 256 elsewhere)")
     p.add_argument("--size", type=int, default=224, help="memory: input resolution")
+    p.add_argument("--steps", type=int, default=10, help="speed, train: timed steps per figure")
     p.add_argument("--data-dir", default="data", help="train: where CIFAR-10 is")
     p.add_argument("--dataset", default="cifar10", help="train: cifar10, or synthetic (no data)")
-    p.add_argument("--profile", action="store_true", help="train: print the top CUDA kernels")
+    p.add_argument("--workers", type=int, default=2, help="train: DataLoader workers of the usual "
+                   "pipeline")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    timed = args.what in ("speed", "train")
-    if timed and device.type != "cuda":
-        raise SystemExit(f"benchmark.py {args.what}: timings are taken on CUDA only (no GPU here)")
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    rt = runtime.setup(args.device, args.precision, args.memory_format)
+    results = {"device": runtime.device_name(rt.device), "runtime": str(rt),
                "torch": torch.__version__}
+    print(f"{results['device']} | {rt} | torch {torch.__version__}")
     if args.what in ("stages", "all"):
         results["stages"] = stages_table()
     if args.what in ("memory", "all"):
-        batch = args.batch or (64 if device.type == "cuda" else 2)
-        results["memory"] = memory_table(["resnet50", "presnet50"], batch, args.size, device)
-    if args.what in ("speed", "all") and device.type == "cuda":
-        results["speed"] = speed_table(device)
-    if args.what in ("train", "all") and device.type == "cuda":
-        results["train"] = train_table(device, args.data_dir, args.dataset, profile=args.profile)
+        batch = args.batch or (64 if rt.device.type == "cuda" else 2)
+        results["memory"] = memory_table(["resnet50", "presnet50"], batch, args.size, rt)
+    if args.what in ("speed", "all"):
+        results["speed"] = speed_table(rt, args.steps)
+    if args.what in ("train", "all"):
+        results["train"] = train_table(rt, args.data_dir, args.dataset,
+                                       args.batch if args.what == "train" else None, args.steps,
+                                       args.workers)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -7,7 +7,6 @@ InfoNCE, staged encoders, memory, and one process against two.
 import copy
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 import local_units as L
 import model
 from benchmark import SavedBytes
+from conftest import free_port
 from losses import info_nce
 
 TAU = 0.5
@@ -238,12 +238,6 @@ def distributed_step(rank: int, world: int, port: int, method: str, out: dict) -
             out["result"] = flat / world  # averaged gradients, then the averaged losses
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("method", ["simclr", "loco"])

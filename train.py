@@ -30,6 +30,8 @@ import torch.nn as nn
 import data
 import local_units as L
 import model
+import recipe
+import runtime
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,120 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile each stage and head")
     p.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes")
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
+                   help="auto: bf16 autocast where the device computes bf16 natively (runtime.py)")
+    p.add_argument("--memory-format", default="auto", choices=runtime.MEMORY_FORMATS,
+                   help="auto: channels_last on CUDA and CPU (runtime.py)")
     return p.parse_args(argv)
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum, scaled per layer by the trust ratio eta * |w| / |g| (You et al., 2017),
-    as in SimCLR. Groups with `lars=False` (BatchNorm and bias parameters) get neither weight decay
-    nor the trust ratio. Vectorised: torch._foreach_* ops over all tensors, no per-tensor loop."""
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6,
-                 eta: float = 1e-3):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      eta=eta, lars=True))
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            if not ps:
-                continue
-            gs = [p.grad for p in ps]
-            if group["lars"]:
-                gs = torch._foreach_add(gs, ps, alpha=group["weight_decay"])
-                w, g = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(gs))
-                trust = torch.where((w > 0) & (g > 0), group["eta"] * w / g, torch.ones_like(w))
-                gs = torch._foreach_mul(gs, list(trust.unbind()))
-            bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in ps]
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, gs, alpha=group["lr"])
-            torch._foreach_sub_(ps, bufs)
-
-
-def lr_at(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warm-up from 0 for `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-class AllReduce(torch.autograd.Function):
-    """Sum over processes; its backward sums the gradients, as every process's loss uses the sum."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with statistics over every process's batch, where nn.SyncBatchNorm cannot run (it
-    needs CUDA). Its all-reduce carries gradient back, so N processes normalise and differentiate
-    exactly as one process holding all N batches. Same parameters and buffers as BatchNorm."""
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        pass
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-        n = x.numel() // x.shape[1] * dist.get_world_size()
-        mean = AllReduce.apply(x.sum(dims)) / n                    # (C,), over all processes
-        # Two passes: E[x^2] - E[x]^2 in float32 loses enough digits to move gradients by 1e-2.
-        var = AllReduce.apply((x - mean.view(shape)).pow(2).sum(dims)) / n
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-            self.num_batches_tracked += 1
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return x * scale.view(shape) + (self.bias - mean * scale).view(shape)
-
-
-def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
-            bn.load_state_dict(child.state_dict())
-            setattr(module, name, bn)
-        else:
-            sync_batchnorm(child, device)
-    return module
-
-
-def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
-    """Average every gradient over processes, once per step: LoCo backpropagates several losses
-    per step, so DDP's per-backward hooks would reduce too early or twice. One flat all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(f.view_as(g))
-
-
-def compile_in_place(modules: list[nn.Module]) -> None:
-    """torch.compile each stage and head in place (no "_orig_mod." prefix in state_dict keys).
-
-    LoCo backpropagates twice through a shared stage, the first time with retain_graph=True, and
-    two settings make that correct: no donated buffers (they refuse retain_graph), and static
-    shapes: with automatic dynamic shapes, inductor (torch 2.14, CPU) gave wrong weight gradients
-    on the second backward through a stage compiled after a same-code stage of another shape.
-    test_train.py compares a compiled LoCo step with an eager one."""
-    import torch._functorch.config
-    torch._functorch.config.donated_buffer = False
-    for m in modules:
-        m.compile(dynamic=False)
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -182,25 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     # Distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them, one process.
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in
-                          [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes: "
-                         f"use a multiple of {world}")
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local)
-    elif torch.backends.mps.is_available() and world == 1:
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    data.local_batch(args.batch_size, runtime.torchrun_env()[1])  # refuses a batch that won't split
+    rt = runtime.setup(args.device, args.precision, args.memory_format, distributed=True)
+    rank, world, device = rt.rank, rt.world, rt.device
     master = rank == 0
     out = Path(args.out)
     ckpt_path, log_path = out / "ckpt.pt", out / "log.csv"
@@ -217,26 +94,15 @@ def main(argv: list[str] | None = None) -> None:
                                   rank, world, args.workers, subset=args.subset)
     tau = args.tau or info.tau
 
-    # Model and heads: the units decide which stages each loss trains (local_units.py).
+    # Model, heads and optimizer: the units decide which stages each loss trains (local_units.py).
     stem = info.stem
-    encoder = model.build_encoder(args.arch, args.width, stem)
-    units = L.make_units(args.method, len(encoder.stages))
-    heads = L.make_heads(args.method, encoder.channels, units)
-    if args.sync_bn and world > 1:
-        encoder, heads = sync_batchnorm(encoder, device), sync_batchnorm(heads, device)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    encoder.to(device, memory_format=fmt), heads.to(device, memory_format=fmt)
-    if args.compile:
-        compile_in_place([*encoder.stages, *heads])
+    base_lr = args.lr or 0.3 * args.batch_size / 256
+    run = recipe.build(vars(args), rt, base_lr)
+    encoder, heads, units, optimizer, params = run.encoder, run.heads, run.units, run.optimizer, run.params
     names = ["loss_s" + (f"{u.first + 1}" if u.first == u.last else f"{u.first + 1}-{u.last + 1}")
              for u in units]
 
-    # Optimizer and schedule, both per step.
-    params = [*encoder.parameters(), *heads.parameters()]
-    base_lr = args.lr or 0.3 * args.batch_size / 256
-    optimizer = LARS([{"params": [p for p in params if p.ndim > 1]},
-                      {"params": [p for p in params if p.ndim <= 1], "lars": False,
-                       "weight_decay": 0.0}], lr=base_lr, weight_decay=args.weight_decay)
+    # Schedule, per step.
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
@@ -266,26 +132,19 @@ def main(argv: list[str] | None = None) -> None:
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerows([["epoch", "step", "lr", *names], *rows])
         print(f"{args.method} | {args.arch} x{args.width} ({stem} stem) | {args.dataset} | "
-              f"{world} process(es) on {device} | batch {args.batch_size} | {steps_per_epoch} "
+              f"{rt} | batch {args.batch_size} | {steps_per_epoch} "
               f"steps/epoch | units {names}", flush=True)
 
     # The loop.
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     step = start_epoch * steps_per_epoch
     pending, lrs, t0, seen = [], [], time.time(), 0
     for epoch in range(start_epoch, args.epochs):
         encoder.train(), heads.train()
         for x1, x2 in loader.epoch(epoch):
-            lr = lr_at(step, base_lr, warmup_steps, total_steps)
+            lr = recipe.lr_at(step, base_lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x1, x2 = (x.contiguous(memory_format=fmt) for x in (x1, x2))
-            with autocast:
-                losses = L.train_step(encoder, heads, units, x1, x2, tau)
-            if world > 1:
-                average_gradients(params, world)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            losses = run.step(x1, x2, tau, rt)
             pending.append(torch.stack(losses).float())   # stays on the device: no sync here
             lrs.append(lr)
             step += 1
@@ -322,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                          "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
                          "config": vars(args), "units": [[u.first, u.last] for u in units]},
                         ckpt_path)
-    if world > 1:
-        dist.destroy_process_group()
+    runtime.shutdown()
 
 
 if __name__ == "__main__":

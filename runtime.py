@@ -1,0 +1,208 @@
+"""Where a run computes: the device, the number format and the memory layout, by one rule.
+
+    rt = runtime.setup(device=None, precision="auto", memory_format="auto")
+    rt.device, rt.rank, rt.world           # one process, or one of torchrun's
+    with rt.autocast(): ...                # bf16 autocast where the rule chose it, else nothing
+    rt.prepare(x)                          # a batch in the run's dtype and memory format
+
+The rule, measured (README, Speed): channels_last on CUDA and on the CPU (ResNet-18 x0.25 on a
+2-core AMD EPYC: +30% in float32); bf16 autocast on CUDA and on CPUs that compute bf16 natively
+(AVX512_BF16 or AMX: 1.8x over float32 channels_last there). On a CPU without it, oneDNN emulates
+bf16 and the same step runs 2x (AVX-512) to 10x (AVX2) slower than float32, so such CPUs get
+float32. MPS gets float32 in the default layout: not measured here, so the safe choice. Flags
+override the rule: --precision fp32|bf16 (or fp64, to check exactness), --memory-format contiguous|channels_last.
+
+One process, or torchrun: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK, and `setup` then joins
+the process group (NCCL on CUDA, gloo elsewhere). What truly differs on CUDA stays here: the GPU
+of this process, cuDNN's autotuner and TF32 matmuls.
+"""
+
+import contextlib
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp64")  # fp64: for checking exactness, not for training
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    bf16: bool                   # bf16 autocast around forward and backward
+    dtype: torch.dtype           # of weights and inputs: float32, or float64 to check exactness
+    channels_last: bool          # activations and weights in NHWC
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of inputs in the run's dtype and memory format."""
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    def sync(self) -> None:
+        """Wait for queued device work: timings must not stop the clock early."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    def __str__(self) -> str:
+        return (f"{self.world} process(es) on {self.device}, "
+                f"{'bf16 autocast' if self.bf16 else str(self.dtype).removeprefix('torch.')}, "
+                f"{'channels_last' if self.channels_last else 'contiguous'}")
+
+
+def device_name(device: torch.device) -> str:
+    """What computes: the GPU's name, or the CPU's model name and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores" if device.type == "cpu" else f"{device.type}: {model}"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware, not by emulation."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return False
+
+
+def pick_device(name: str | None = None, local_rank: int = 0, world: int = 1) -> torch.device:
+    """--device if given; else this process's GPU, else MPS (one process only), else the CPU."""
+    if name:
+        device = torch.device(name)
+        available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+        if device.type in available and not available[device.type]():
+            raise ValueError(f"--device {name}: no {device.type} device here; "
+                             f"leave --device out to use what this machine has")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if torch.backends.mps.is_available() and world == 1:
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain process."""
+    return tuple(int(os.environ.get(k, d)) for k, d in
+                 (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+
+
+def setup(device: str | None = None, precision: str = "auto", memory_format: str = "auto",
+          distributed: bool = False) -> Runtime:
+    """The runtime of this process. distributed=True joins torchrun's process group if any."""
+    rank, world, local = torchrun_env() if distributed else (0, 1, 0)
+    dev = pick_device(device, local, world)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    bf16 = native_bf16(dev) if precision == "auto" else precision == "bf16"
+    nhwc = dev.type in ("cuda", "cpu") if memory_format == "auto" else memory_format == "channels_last"
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    return Runtime(dev, bf16, dtype, nhwc, rank, world)
+
+
+class AllReduce(torch.autograd.Function):
+    """Sum over processes; its backward sums the gradients, as every process's loss uses the sum."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with statistics over every process's batch, where nn.SyncBatchNorm cannot run (it
+    needs CUDA). Its all-reduce carries gradient back, so N processes normalise and differentiate
+    exactly as one process holding all N batches. Same parameters and buffers as BatchNorm."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        n = x.numel() // x.shape[1] * dist.get_world_size()
+        mean = AllReduce.apply(x.sum(dims)) / n                    # (C,), over all processes
+        # Two passes: E[x^2] - E[x]^2 in float32 loses enough digits to move gradients by 1e-2.
+        var = AllReduce.apply((x - mean.view(shape)).pow(2).sum(dims)) / n
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return x * scale.view(shape) + (self.bias - mean * scale).view(shape)
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            sync_batchnorm(child, device)
+    return module
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """Average every gradient over processes, once per step: LoCo backpropagates several losses
+    per step, so DDP's per-backward hooks would reduce too early or twice. One flat all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
+
+
+def compile_in_place(modules: list[nn.Module]) -> None:
+    """torch.compile each stage and head in place (no "_orig_mod." prefix in state_dict keys).
+
+    LoCo backpropagates twice through a shared stage, the first time with retain_graph=True, and
+    two settings make that correct: no donated buffers (they refuse retain_graph), and static
+    shapes: with automatic dynamic shapes, inductor (torch 2.14, CPU) gave wrong weight gradients
+    on the second backward through a stage compiled after a same-code stage of another shape.
+    test_train.py compares a compiled LoCo step with an eager one."""
+    import torch._functorch.config
+    torch._functorch.config.donated_buffer = False
+    for m in modules:
+        m.compile(dynamic=False)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
