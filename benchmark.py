@@ -16,7 +16,6 @@ train.py would use there (runtime.py; --precision and --memory-format override),
 device: a CPU timing is a CPU figure, never a GPU one.
 """
 
-import argparse
 import json
 import statistics
 import time
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import data
 import local_units as L
 import model
@@ -205,7 +205,7 @@ def step_flops(run: recipe.Run, x1: torch.Tensor, x2: torch.Tensor) -> int:
     convolutions and matrix products actually run (an input gradient that is not asked for is not
     computed, and not counted)."""
     with FlopCounterMode(display=False) as flops:
-        L.train_step(run.encoder, run.heads, run.units, x1, x2, 0.1)
+        L.train_step(run.pieces, run.heads, run.units, x1, x2, 0.1)
     run.optimizer.zero_grad(set_to_none=True)
     return flops.get_total_flops() // 2
 
@@ -320,25 +320,28 @@ def train_table(rt: runtime.Runtime, data_dir: str, dataset: str = "cifar10",
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser(__doc__, "benchmark.py")
     p.add_argument("what", choices=["stages", "memory", "speed", "train", "all"])
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS)
     p.add_argument("--memory-format", default="auto", choices=runtime.MEMORY_FORMATS)
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=cli.positive(int), default=None,
                    help="memory: images per step (default 64 on CUDA, 2 elsewhere); "
                         "train: (default 512 on CUDA, 256 elsewhere)")
-    p.add_argument("--size", type=int, default=224, help="memory: input resolution")
-    p.add_argument("--steps", type=int, default=10, help="speed, train: timed steps per figure")
+    p.add_argument("--size", type=cli.positive(int), default=224, help="memory: input resolution")
+    p.add_argument("--steps", type=cli.positive(int), default=10,
+                   help="speed, train: timed steps per figure")
     p.add_argument("--data-dir", default="data", help="train: where CIFAR-10 is")
-    p.add_argument("--dataset", default="cifar10", help="train: cifar10, or synthetic (no data)")
-    p.add_argument("--workers", type=int, default=2, help="train: DataLoader workers of the usual "
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"],
+                   help="train: cifar10, or synthetic (no data)")
+    p.add_argument("--workers", type=cli.at_least_zero(int), default=2, help="train: DataLoader workers of the usual "
                    "pipeline")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
+    if args.out:
+        cli.check_writable(args.out, "--out")
     rt = runtime.setup(args.device, args.precision, args.memory_format)
-    results = {"device": runtime.device_name(rt.device), "runtime": str(rt),
-               "torch": torch.__version__}
+    results = runtime.provenance(rt)
     print(f"{results['device']} | {rt} | torch {torch.__version__}")
     if args.what in ("stages", "all"):
         results["stages"] = stages_table()
@@ -352,10 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
                                        args.batch if args.what == "train" else None, args.steps,
                                        args.workers)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        cli.write_atomic(args.out, json.dumps(results, indent=2))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "benchmark.py")

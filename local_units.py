@@ -3,7 +3,7 @@
 The encoder is a chain of stages S1..SK (ResNet-50: conv1+res2, res3, res4, res5). A *unit* is a run
 of adjacent stages with a decoder (head) on its top stage and an InfoNCE loss of its own. A unit's
 loss trains its head and its stages and nothing below them: its gradient stops at the unit's input.
-The three methods differ only in their units (`make_units`); which losses reach which stage:
+The methods differ only in their units (`make_units`); which losses reach which stage:
 
     stage   SimCLR (1 unit)   GIM (K units)   LoCo (K units)
     S4      L1                L4              L3  L4        L_k's head sits on:
@@ -13,74 +13,86 @@ The three methods differ only in their units (`make_units`); which losses reach 
 
 In LoCo, unit k is stages k and k+1, so every stage but the first learns from two losses: its own
 unit's, and the unit below's, which through the shared stage carries feedback from above (Sec. 4.1).
-The top stage has a unit of its own too, the loss on the full encoder (the paper's Fig. 2).
+`top_unit` adds the last row's unit L4 of the top stage alone; without it (the paper's Fig. 1,
+three units on ResNet-50) the top stage learns from L3 only. Table 5's other ways to share:
+"upper" (a shared stage's weights take only the upper unit's gradient; the lower unit's gradient
+still crosses it), "1block"/"2blocks" (a unit reaches only the first blocks of the stage above:
+the encoder is cut into finer *pieces*), and "soft" (each unit owns a copy of the stage above, in
+its decoder, tied to the shared stage by an L2 penalty: decoders.py).
 
-How one step runs (`train_step`), and why it saves memory:
-- Each stage's forward runs once. Its input is cut from the graph below (`detach`), so each stage's
-  graph stands alone and can be freed by itself.
-- As soon as a unit's top stage has run, its loss is computed and backpropagated: through the head,
-  then stage by stage down to the unit's first stage, carrying the gradient across each cut by hand,
-  and no further. A stage's graph is freed by the last unit that passes through it. So LoCo holds
-  at most two stages' graphs and one head's at a time, GIM one stage's, SimCLR all of them.
-- The price, as in the paper: the backward of a shared stage runs twice, once per unit.
-
-Decoders (Sec. 5.1, 5.4): SimCLR's head is global average pooling and a 2-layer MLP to 128-d. A local
-head (GIM, LoCo) first adds one residual bottleneck block with stride 2 (Table 4: "1 conv block"),
-to widen the receptive field of low stages. Choice: the block keeps the channel count and uses a
-bottleneck width of C/4, as in ResNet-50, whatever the encoder.
+One step (`train_step`) runs each piece's forward once, its input cut from the graph below
+(`detach`), so each piece's graph stands alone. As soon as a unit's head has run, its loss is
+backpropagated through the head and carried down the unit's pieces by hand. Weight gradients are
+linear in the output gradient, so a piece shared by two units needs one weight pass only, with the
+two units' output gradients summed: the first unit's part is held until the second delivers its
+own. An input-gradient pass runs only where a unit continues below the piece. So a LoCo step costs
+the forward, one weight pass per piece and one input pass per crossing, and holds at most two
+stages' graphs, one head's, and one held output gradient per shared stage (README, Memory).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from losses import info_nce
-from model import Bottleneck
 
 METHODS = ("simclr", "gim", "loco")
+SHARING = ("stage", "upper", "1block", "2blocks", "soft")     # Table 5's, for LoCo
+TITLES = {"simclr": "SimCLR", "gim": "GIM", "loco": "LoCo"}
 
 
 @dataclass(frozen=True)
 class Unit:
-    first: int  # lowest stage the unit's loss trains (0-based)
-    last: int   # stage the unit's head sits on
+    first: int                          # lowest piece the unit's loss reaches (0-based)
+    last: int                           # piece the unit's head sits on
+    learns: frozenset = field(default=None)   # pieces whose weights take its gradient: all but
+                                               # the ones another unit owns under "upper"
+
+    def __post_init__(self):
+        if self.learns is None:
+            object.__setattr__(self, "learns", frozenset(range(self.first, self.last + 1)))
 
 
-def make_units(method: str, num_stages: int) -> list[Unit]:
-    """The units of a method, ordered by the stage their head sits on."""
-    K = num_stages
+def make_pieces(stages: nn.ModuleList, sharing: str = "stage") -> tuple[list[nn.Module], list[int]]:
+    """The pieces a step runs, and the stage of each: the stages themselves, or under "1block" /
+    "2blocks" every stage above the first cut after its first one or two blocks."""
+    n = {"1block": 1, "2blocks": 2}.get(sharing, 0)
+    pieces, stage_of = [], []
+    for k, stage in enumerate(stages):
+        cut = [stage[:n], stage[n:]] if n and k > 0 and len(stage) > n else [stage]
+        pieces += cut
+        stage_of += [k] * len(cut)
+    return pieces, stage_of
+
+
+def make_units(method: str, stage_of: list[int], top_unit: bool = True,
+               sharing: str = "stage") -> list[Unit]:
+    """The units of a method on pieces whose stages are `stage_of`, ordered by their head's piece."""
+    K = stage_of[-1] + 1
+    first = [stage_of.index(k) for k in range(K)]         # first and last piece of each stage
+    last = [len(stage_of) - 1 - stage_of[::-1].index(k) for k in range(K)]
     if method == "simclr":
-        return [Unit(0, K - 1)]
+        return [Unit(0, last[-1])]
     if method == "gim":
-        return [Unit(k, k) for k in range(K)]
-    if method == "loco":
-        return [Unit(k, k + 1) for k in range(K - 1)] + [Unit(K - 1, K - 1)]
-    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        return [Unit(first[k], last[k]) for k in range(K)]
+    if method != "loco":
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    units = []
+    for k in range(K - 1):
+        shared = k + 1 < K - 1 or top_unit              # is stage k+1 also a unit's lowest?
+        top = {"soft": last[k], "1block": first[k + 1], "2blocks": first[k + 1]}.get(sharing)
+        units.append(Unit(first[k], top if shared and top is not None else last[k + 1]))
+    units += [Unit(first[K - 1], last[K - 1])] if top_unit else []
+    if sharing == "upper":                              # each piece learns from its upper unit only
+        owner = {j: max((u for u in units if u.first <= j <= u.last), key=lambda u: u.first)
+                 for j in range(len(stage_of))}
+        units = [Unit(u.first, u.last, frozenset(j for j in u.learns if owner[j] == u))
+                 for u in units]
+    return units
 
 
-class Head(nn.Module):
-    """Decoder: [bottleneck block, stride 2] -> global average pool -> Linear-BN-ReLU-Linear -> z."""
-
-    def __init__(self, channels: int, local: bool, dim: int = 128):
-        super().__init__()
-        self.block = (Bottleneck(channels, max(1, channels // 4), channels, stride=2) if local
-                      else nn.Identity())
-        self.mlp = nn.Sequential(nn.Linear(channels, channels, bias=False),  # BN follows
-                                 nn.BatchNorm1d(channels),
-                                 nn.ReLU(inplace=True), nn.Linear(channels, dim))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.block(h)                 # (2B, C, H, W) -> (2B, C, H/2, W/2), local heads only
-        return self.mlp(h.mean((2, 3)))   # (2B, C) -> (2B, dim)
-
-
-def make_heads(method: str, channels: list[int], units: list[Unit]) -> nn.ModuleList:
-    """One head per unit, on the output channels of the unit's top stage."""
-    return nn.ModuleList(Head(channels[u.last], local=method != "simclr") for u in units)
-
-
-def train_step(encoder: nn.Module, heads: nn.ModuleList, units: list[Unit],
+def train_step(pieces: list[nn.Module], heads: nn.ModuleList, units: list[Unit],
                x1: torch.Tensor, x2: torch.Tensor, tau: float) -> list[torch.Tensor]:
     """Forward and backward of one step on two views (B, 3, H, W) each; returns every unit's loss.
 
@@ -88,40 +100,57 @@ def train_step(encoder: nn.Module, heads: nn.ModuleList, units: list[Unit],
     and the optimizer step belong to the caller.
     """
     assert [u.last for u in units] == sorted(u.last for u in units), "units out of order"
-    h = torch.cat([x1, x2])               # (2B, 3, H, W): both views in one pass, one BatchNorm batch
-    graph = {}                            # stage k -> (its input, its output), until spent
-    losses = []
-    for k, stage in enumerate(encoder.stages[:units[-1].last + 1]):
-        # The cut at every stage input: no gradient flows back across it by itself. A unit's
-        # gradient crosses it only where backward_unit carries it, so each stage's graph is separate.
-        a = h.detach().requires_grad_(k > 0)
-        with torch.set_grad_enabled(any(u.first <= k <= u.last for u in units)):
-            h = stage(a)                  # the stage's one forward in this step
-        graph[k] = (a, h)
-        for i, u in enumerate(units):
-            if u.last == k:               # the unit's loss exists now: backpropagate it at once
-                losses.append(backward_unit(encoder, heads[i], units, i, graph, tau))
+    visits = {j: sum(u.first <= j <= u.last for u in units) for j in range(len(pieces))}
+    held = {}                             # piece j -> summed output gradient of its learning units
+    graph = {}                            # piece j -> (its input, its output), until spent
+    h, losses = torch.cat([x1, x2]), []   # (2B, 3, H, W): both views in one pass, one BatchNorm batch
+    for j, piece in enumerate(pieces[:units[-1].last + 1]):
+        # The cut at every piece's input: no gradient flows back across it by itself. A unit's
+        # gradient crosses it only where the unit continues below (carried by hand, below).
+        a = h.detach().requires_grad_(any(u.first < j <= u.last for u in units))
+        with torch.set_grad_enabled(visits[j] > 0):
+            h = piece(a)                  # the piece's one forward in this step
+        graph[j] = (a, h)
+        for u, head in zip(units, heads):
+            if u.last == j:               # the unit's loss exists now: backpropagate it at once
+                losses.append(backward_unit(pieces, head, u, graph, held, visits, tau))
+    for head in heads:                    # soft sharing: the L2 tie of each copy to its stage
+        if head.tied is not None:
+            tie(pieces[head.tied_to], head.tied, head.tie_coef)
     return losses
 
 
-def backward_unit(encoder: nn.Module, head: nn.Module, units: list[Unit], i: int,
-                  graph: dict, tau: float) -> torch.Tensor:
-    """Loss of unit i, backpropagated through its head and its stages, top to bottom."""
-    u = units[i]
-    # The head gets a cut of its own too, so that its graph is freed by its own backward.
-    top = graph[u.last][1].detach().requires_grad_()
+def backward_unit(pieces, head, u: Unit, graph: dict, held: dict, visits: dict, tau: float):
+    """Unit u's loss, through its head, then down its pieces, top to bottom."""
+    top = graph[u.last][1].detach().requires_grad_()    # the head's own cut: its graph is its own
     loss = info_nce(head(top), tau)
     loss.backward(inputs=[*head.parameters(), top])
-    grad, top = top.grad, None            # d loss / d (output of the unit's top stage)
-    # Down the unit's own stages and no further: below u.first this unit's gradient stops.
+    g = top.grad                          # d loss_u / d (output of the unit's top piece)
     for j in range(u.last, u.first - 1, -1):
         a, h = graph[j]
-        below = [a] if j > u.first else []  # d loss / d (stage j's input), only to carry it down
-        later = any(v.first <= j <= v.last for v in units[i + 1:])
-        params = [p for p in encoder.stages[j].parameters() if p.requires_grad]
-        torch.autograd.backward(h, grad, inputs=params + below,
-                                retain_graph=later)   # keep stage j's graph for a later unit
-        grad, a.grad = a.grad, None       # carry the gradient across the cut; drop the old one
-        if not later:
-            del graph[j]                  # no unit needs stage j's graph again
+        if j in u.learns:                 # u's gradient joins the others' for piece j's weights
+            held[j] = g if j not in held else held[j] + g
+        visits[j] -= 1
+        last = visits[j] == 0             # every unit through piece j has delivered its part
+        cross = j > u.first               # u continues below j: it needs d loss_u / d (j's input)
+        alone = last and held.get(j) is g  # j's weights learn from u alone: one pass does both
+        params = [p for p in pieces[j].parameters() if p.requires_grad]
+        if cross and not alone:           # input only: u's gradient, to carry it to piece j-1
+            torch.autograd.backward(h, g, inputs=[a], retain_graph=True)
+        if last and j in held:            # the one weight pass of piece j, summed gradients
+            torch.autograd.backward(h, held.pop(j), inputs=params + ([a] if cross and alone else []))
+        if last:
+            del graph[j]                  # no unit needs piece j's graph again
+        if cross:
+            g, a.grad = a.grad, None      # carry u's gradient across the cut, and only u's
+        # Below u.first this unit's gradient stops: the loop ends, and nothing carries it further.
     return loss.detach()
+
+
+@torch.no_grad()
+def tie(stage: nn.Module, copy: nn.Module, coef: float) -> None:
+    """Gradient of coef * |w_stage - w_copy|^2 on both: +-2 coef (w_stage - w_copy)."""
+    for p, q in zip(stage.parameters(), copy.parameters()):
+        d = 2 * coef * (p - q)
+        p.grad = d if p.grad is None else p.grad.add_(d)
+        q.grad = -d if q.grad is None else q.grad.sub_(d)

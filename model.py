@@ -78,6 +78,16 @@ class Bottleneck(nn.Module):
         return F.relu(self.body(x) + self.shortcut(x))
 
 
+def init_weights(module: nn.Module) -> nn.Module:
+    """He initialisation of every conv (fan-out, as torchvision's ResNet), BatchNorm to identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_parameters()
+    return module
+
+
 class StagedEncoder(nn.Module):
     """An encoder as a list of stages; `forward` only chains them."""
 
@@ -86,9 +96,7 @@ class StagedEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.channels = list(channels)  # output channels of each stage
         self.input_size = input_size    # native input resolution (224 or 32)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:

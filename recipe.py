@@ -12,14 +12,17 @@ warm-up for 10 epochs then cosine decay to 0, both per step.
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import data
+import decoders
 import local_units as L
 import model
 import runtime
+from cli import UserError
 from runtime import Runtime
 
 
@@ -71,6 +74,8 @@ class Run:
     heads: nn.ModuleList                  # one decoder per unit
     units: list[L.Unit]
     optimizer: LARS
+    pieces: list[nn.Module]               # what a step runs: the stages, or finer (local_units)
+    stage_of: list[int]                   # the stage of each piece
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -80,7 +85,7 @@ class Run:
         """One training step on two views: the method's forward and backward (local_units), the
         gradients averaged over processes, one LARS update. Returns every unit's loss."""
         with rt.autocast():
-            losses = L.train_step(self.encoder, self.heads, self.units, rt.prepare(x1),
+            losses = L.train_step(self.pieces, self.heads, self.units, rt.prepare(x1),
                                   rt.prepare(x2), tau)
         if rt.world > 1:
             runtime.average_gradients(self.params, rt.world)
@@ -92,9 +97,17 @@ class Run:
 def build(cfg: dict, rt: Runtime, lr: float = 0.0) -> Run:
     """Encoder, decoders, units and LARS of a configuration (train.py's flags as a dict), on rt's
     device in rt's dtype and memory format. The caller seeds torch first: same seed, same weights."""
+    method, sharing = cfg["method"], cfg.get("sharing", "stage")
+    if method != "loco" and sharing != "stage":
+        raise UserError(f"--sharing {sharing}: sharing strategies are LoCo's (Table 5); "
+                        f"use --method loco, or leave --sharing out", flag=True)
     encoder = model.build_encoder(cfg["arch"], cfg["width"], data.DATASETS[cfg["dataset"]].stem)
-    units = L.make_units(cfg["method"], len(encoder.stages))
-    heads = L.make_heads(cfg["method"], encoder.channels, units)
+    pieces, stage_of = L.make_pieces(encoder.stages, sharing)
+    units = L.make_units(method, stage_of, cfg.get("top_unit", True), sharing)
+    decoder = cfg.get("decoder") or ("none" if method == "simclr" else "block")
+    heads = decoders.make_heads(encoder.stages, encoder.channels, units, stage_of, decoder,
+                                cfg.get("mlp_layers", 2),
+                                cfg.get("soft_coef", 1e-3) if sharing == "soft" else None)
     for m in (encoder, heads):
         if cfg.get("sync_bn") and rt.world > 1:
             runtime.sync_batchnorm(m, rt.device)   # BatchNorm over the global batch
@@ -103,4 +116,33 @@ def build(cfg: dict, rt: Runtime, lr: float = 0.0) -> Run:
         runtime.compile_in_place([*encoder.stages, *heads])
     optimizer = lars([*encoder.parameters(), *heads.parameters()], lr,
                      cfg.get("weight_decay", 1e-6))
-    return Run(encoder, heads, units, optimizer)
+    return Run(encoder, heads, units, optimizer, pieces, stage_of)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by train.py, on the CPU; anything else is refused with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint (train.py writes RUN/ckpt.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch.load raises whatever the unpickler meets in a foreign file
+        raise UserError(f"{path} is not a checkpoint written by train.py "
+                        f"(torch.load: {str(e).splitlines()[0][:80]})")
+    if not isinstance(ckpt, dict) or not {"config", "encoder", "heads", "epoch"} <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint written by train.py "
+                        f"(it needs 'config', 'encoder', 'heads' and 'epoch')")
+    return ckpt
+
+
+def load_encoder(ckpt_path: str, device: torch.device, random_init: bool = False):
+    """The frozen encoder of a checkpoint, and the checkpoint. random_init: the same encoder as
+    the run began it (same seed), before any training."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt["config"]
+    torch.manual_seed(cfg["seed"])
+    encoder = model.build_encoder(cfg["arch"], cfg["width"], data.DATASETS[cfg["dataset"]].stem)
+    if not random_init:
+        encoder.load_state_dict(ckpt["encoder"])
+    encoder.to(device).eval().requires_grad_(False)
+    return encoder, ckpt

@@ -6,11 +6,12 @@ import torch
 
 import data
 import local_units as L
-import model
+import recipe
 import runtime
 import shapes
 import train
 from conftest import TINY, state
+from cli import UserError
 
 
 def test_auto_picks_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
@@ -29,7 +30,7 @@ def test_auto_picks_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
 def test_asking_for_a_device_this_machine_lacks_names_the_flag():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(ValueError, match="--device cuda"):
+    with pytest.raises(UserError, match="--device cuda"):
         runtime.setup("cuda")
 
 
@@ -41,7 +42,7 @@ def one_step(encoder, heads, units, views, bf16: bool):
     encoder.zero_grad(set_to_none=True), heads.zero_grad(set_to_none=True)
     x1, x2 = (v.contiguous(memory_format=fmt) for v in views)
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        losses = torch.stack(L.train_step(encoder, heads, units, x1, x2, 0.5))
+        losses = torch.stack(L.train_step(encoder.stages, heads, units, x1, x2, 0.5))
     grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in [*encoder.stages, *heads]]
     return losses.float(), grads
 
@@ -54,10 +55,11 @@ def test_a_bf16_channels_last_step_gives_the_fp32_losses_and_gradients(method, t
     a trained one: at initialisation every image maps to nearly the same z, the loss's gradient is
     a small difference of large terms, and bf16 resolves only half of it."""
     torch.manual_seed(0)
-    encoder = model.resnet18(0.125, "cifar")
+    cpu = runtime.Runtime(torch.device("cpu"), False, torch.float32, False)
+    run = recipe.build({"method": method, "arch": "resnet18", "width": 0.125,
+                        "dataset": "synthetic"}, cpu)
+    encoder, heads, units = run.encoder, run.heads, run.units
     encoder.load_state_dict(state(trained)["encoder"])
-    units = L.make_units(method, len(encoder.stages))
-    heads = L.make_heads(method, encoder.channels, units)
     if method == "loco":
         heads.load_state_dict(state(trained)["heads"])
     aug = data.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
