@@ -8,25 +8,34 @@ the inputs, its single loss is drawn in every other panel as a dashed grey refer
 how the paper compares: LoCo's decoders track SimCLR's loss, GIM's low decoders do not.
 """
 
-import argparse
 import csv
+import json
 from pathlib import Path
 
 import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
+
+import cli
+from cli import UserError
+from local_units import TITLES
 
 
 def read_log(run: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Fractional epochs (T,) and each unit's loss (T,) from run/log.csv."""
-    with open(run / "log.csv") as f:
-        rows = list(csv.reader(f))
-    header, values = rows[0], np.array(rows[1:], dtype=float)
-    epoch, step = values[:, 0], values[:, 1]
+    """Fractional epochs (T,) and each unit's loss (T,) from run/log.csv, columns by name."""
+    path = run / "log.csv"
+    if not path.is_file():
+        raise UserError(f"{path}: no such file: give run directories written by train.py")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    units = [k for k in (rows[0] if rows else {}) if k.startswith("loss_")]
+    if not units:
+        raise UserError(f"{path} holds no logged step: train the run for an epoch first")
+    epoch = np.array([int(r["epoch"]) for r in rows])
+    step = np.array([int(r["step"]) for r in rows], float)
     steps_per_epoch = max(1, int((epoch == epoch[0]).sum()))
-    return step / steps_per_epoch, {h: values[:, i] for i, h in enumerate(header) if i >= 3}
+    return step / steps_per_epoch, {k: np.array([float(r[k]) for r in rows]) for k in units}
 
 
 def smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -37,17 +46,17 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
 
 
 def method_of(run: Path) -> str:
-    ckpt = run / "ckpt.pt"
-    if ckpt.exists():
-        return torch.load(ckpt, map_location="cpu", weights_only=True)["config"]["method"]
-    return run.name
+    """The run's method, from the config.json train.py writes beside the log."""
+    config = run / "config.json"
+    return json.loads(config.read_text())["method"] if config.is_file() else run.name
 
 
 def main(argv: list[str] | None = None) -> plt.Figure:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser(__doc__, "curves.py")
     p.add_argument("runs", nargs="+", type=Path, help="run directories holding log.csv")
     p.add_argument("--out", default="curves.png")
     args = p.parse_args(argv)
+    cli.check_writable(args.out, "--out")
 
     runs = [(run, method_of(run), *read_log(run)) for run in args.runs]
     simclr = next(((t, next(iter(losses.values()))) for _, m, t, losses in runs
@@ -61,15 +70,14 @@ def main(argv: list[str] | None = None) -> plt.Figure:
                     color="grey", label="SimCLR")
         for name, y in losses.items():
             ax.plot(t, smooth(y, window), label="stages " + name.removeprefix("loss_s"))
-        ax.set_title({"simclr": "SimCLR", "gim": "GIM", "loco": "LoCo"}.get(method, method))
+        ax.set_title(TITLES.get(method, method))
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("InfoNCE loss")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
-    print(f"wrote {args.out}")
+    cli.save_figure(fig, args.out)
     return fig
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "curves.py")

@@ -38,6 +38,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms import v2
 
+from cli import UserError
 from shapes import make_synthetic
 
 
@@ -106,7 +107,7 @@ def _folder(name: str, data_dir: str | Path, download: bool) -> Path:
         except (OSError, RuntimeError) as e:  # offline: URLError, an OSError; bad md5: RuntimeError
             why = f"download failed: {e}"
     if not root.is_dir():
-        raise FileNotFoundError(f"{name}: {root} not found ({why}). Point --data-dir at the folder "
+        raise UserError(f"{name}: {root} not found ({why}). Point --data-dir at the folder "
                                 f"that holds {folder}/, or run without data: --dataset synthetic")
     return root
 
@@ -114,15 +115,23 @@ def _folder(name: str, data_dir: str | Path, download: bool) -> Path:
 def _read_cifar(root: Path, files: list[str], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = [], []
     for f in files:
-        with open(root / f, "rb") as fh:
-            d = pickle.load(fh, encoding="latin1")  # the originals are Python 2 pickles
-        x.append(np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32))  # each row is C, H, W
-        y.append(np.asarray(d[label_key], np.int64))
+        try:
+            with open(root / f, "rb") as fh:
+                d = pickle.load(fh, encoding="latin1")  # the originals are Python 2 pickles
+            x.append(np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32))  # rows are C, H, W
+            y.append(np.asarray(d[label_key], np.int64))
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{root / f} is not a CIFAR batch file ({type(e).__name__}): delete "
+                            f"{root} to download it again, or point --data-dir elsewhere")
     return torch.from_numpy(np.concatenate(x)), torch.from_numpy(np.concatenate(y))
 
 
 def _read_stl(root: Path, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-    x = np.fromfile(root / f"{part}_X.bin", np.uint8).reshape(-1, 3, 96, 96)
+    raw = np.fromfile(root / f"{part}_X.bin", np.uint8)
+    if raw.size % (3 * 96 * 96):
+        raise UserError(f"{root / f'{part}_X.bin'} is not whole 96x96 images (truncated?): delete "
+                        f"{root} to download it again")
+    x = raw.reshape(-1, 3, 96, 96)
     x = np.ascontiguousarray(x.transpose(0, 1, 3, 2))  # stored column-major (MATLAB order)
     y = (np.fromfile(root / f"{part}_y.bin", np.uint8).astype(np.int64) - 1 if part != "unlabeled"
          else np.full(len(x), -1, np.int64))  # labels on disk are 1..10
@@ -327,8 +336,8 @@ def _generator(device: torch.device, *keys: int) -> torch.Generator:
 
 def local_batch(global_batch: int, world_size: int) -> int:
     if global_batch % world_size:
-        raise ValueError(f"global batch {global_batch} does not split evenly over {world_size} "
-                         f"processes: use a batch size that is a multiple of {world_size}")
+        raise UserError(f"--batch-size {global_batch} does not split evenly over {world_size} "
+                         f"processes: use a multiple of {world_size}", flag=True)
     return global_batch // world_size
 
 
@@ -346,7 +355,8 @@ class InMemoryLoader:
                  seed: int, rank: int = 0, world_size: int = 1):
         self.b = local_batch(global_batch, world_size)
         if len(images) < global_batch:
-            raise ValueError(f"{len(images)} images, fewer than one global batch ({global_batch})")
+            raise UserError(f"{len(images)} images, fewer than one batch of --batch-size "
+                            f"{global_batch}: lower --batch-size or raise --subset", flag=True)
         self.images, self.augment, self.seed = images, augment, seed  # images: uint8 (N, 3, S, S)
         self.B, self.rank, self.device = global_batch, rank, images.device
         self.gen_device = _generator(self.device, 0).device

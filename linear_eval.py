@@ -38,51 +38,42 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import data
 import model
+import recipe
+import runtime
+from cli import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__, "linear_eval.py")
     p.add_argument("ckpt", help="a ckpt.pt written by train.py")
     p.add_argument("--protocol", default="fast", choices=["fast", "paper"])
     p.add_argument("--random-init", action="store_true", help="evaluate an untrained encoder")
     p.add_argument("--data-dir", default=None, help="default: the one used in pre-training")
-    p.add_argument("--subset", type=int, default=0,
+    p.add_argument("--subset", type=cli.at_least_zero(int), default=0,
                    help="quick check: the first N train and N test images only (0: all)")
-    p.add_argument("--epochs", type=int, default=100, help="paper protocol only")
-    p.add_argument("--batch-size", type=int, default=256, help="paper protocol only")
-    p.add_argument("--lr", type=float, default=30.0, help="paper protocol only")
+    p.add_argument("--epochs", type=cli.positive(int), default=100, help="paper protocol only")
+    p.add_argument("--batch-size", type=cli.positive(int), default=256, help="paper protocol only")
+    p.add_argument("--lr", type=cli.positive(float), default=30.0, help="paper protocol only")
+    p.add_argument("--out", default=None, help="the JSON; default: beside the checkpoint, "
+                   "linear_eval_<protocol>[_random].json")
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS)
     return p.parse_args(argv)
 
 
-def load_encoder(ckpt_path: str, device: torch.device, random_init: bool = False):
-    """The frozen encoder of a checkpoint, and its training configuration."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "encoder" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{ckpt_path} is not a checkpoint written by train.py "
-                         f"(it needs 'encoder' and 'config')")
-    cfg = ckpt["config"]
-    torch.manual_seed(cfg["seed"])
-    encoder = model.build_encoder(cfg["arch"], cfg["width"], data.DATASETS[cfg["dataset"]].stem)
-    if not random_init:
-        encoder.load_state_dict(ckpt["encoder"])
-    encoder.to(device).eval().requires_grad_(False)
-    return encoder, cfg
-
-
 @torch.no_grad()
-def stage_features(encoder: model.StagedEncoder, batches, info: data.DatasetInfo
-                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+def stage_features(encoder: model.StagedEncoder, batches, info: data.DatasetInfo,
+                   rt: runtime.Runtime) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Global-average-pooled output of every stage, a list of (N, C_k) float32, and labels (N,),
     from (uint8 images, labels) batches."""
     device = next(encoder.parameters()).device
     out, labels = [[] for _ in encoder.stages], []
     for x, y in batches:
-        h = data.standardize(x.to(device), info.mean, info.std)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        h = rt.prepare(data.standardize(x.to(device), info.mean, info.std))
+        with rt.autocast():
             for k, stage in enumerate(encoder.stages):
                 h = stage(h)
                 out[k].append(h.float().mean((2, 3)))   # (b, C_k)
@@ -130,7 +121,7 @@ def fast_protocol(train_f, train_y, test_f, test_y, classes: int, seed: int) -> 
 
 
 def paper_protocol(encoder, train_x, train_y, test_f, test_y, info, classes: int,
-                   epochs: int, batch: int, lr: float, seed: int) -> list[dict]:
+                   epochs: int, batch: int, lr: float, seed: int, rt: runtime.Runtime) -> list[dict]:
     """All stages' classifiers trained side by side, each on its stage's pooled features."""
     device = next(encoder.parameters()).device
     clfs = nn.ModuleList(nn.Linear(c, classes) for c in encoder.channels).to(device)
@@ -147,9 +138,8 @@ def paper_protocol(encoder, train_x, train_y, test_f, test_y, info, classes: int
             p = crop.sample_params(len(x), g)          # random resized crop and flip only
             x = data.resized_crop_flip(x.float() / 255, p["box"].to(device), p["flip"].to(device),
                                        info.size)
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16,
-                                                 enabled=device.type == "cuda"):
-                h, feats = data.standardize(x, info.mean, info.std), []
+            with torch.no_grad(), rt.autocast():
+                h, feats = rt.prepare(data.standardize(x, info.mean, info.std)), []
                 for stage in encoder.stages:
                     h = stage(h)
                     feats.append(h.float().mean((2, 3)))
@@ -159,7 +149,8 @@ def paper_protocol(encoder, train_x, train_y, test_f, test_y, info, classes: int
             opt.step()
         sched.step()
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"linear classifier diverged at epoch {epoch}")
+            raise UserError(f"the linear classifiers diverged at epoch {epoch}: lower --lr",
+                            flag=True)
     with torch.no_grad():
         return [{"top1": accuracy(clf(f), test_y)} for clf, f in zip(clfs, test_f)]
 
@@ -180,16 +171,19 @@ def knn_accuracy(train_f, train_y, test_f, test_y, classes: int, k: int = 200,
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
-                                         "mps" if torch.backends.mps.is_available() else "cpu"))
-    encoder, cfg = load_encoder(args.ckpt, device, args.random_init)
+    rt = runtime.setup(args.device, args.precision)
+    out = cli.check_writable(args.out or Path(args.ckpt).parent / (
+        f"linear_eval_{args.protocol}{'_random' if args.random_init else ''}.json"), "--out")
+    encoder, ckpt = recipe.load_encoder(args.ckpt, rt.device, args.random_init)
+    cfg = ckpt["config"]
+    encoder.to(memory_format=rt.memory_format)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     name, info = cfg["dataset"], data.DATASETS[cfg["dataset"]]
     data_dir = args.data_dir or cfg["data_dir"]
 
     def batches(split):                   # (images, labels), the first --subset only if given
         seen = 0
-        for x, y in data.eval_batches(name, data_dir, split, 1024, device):
+        for x, y in data.eval_batches(name, data_dir, split, 1024, rt.device):
             if args.subset:
                 x, y = x[:args.subset - seen], y[:args.subset - seen]
             if len(x) == 0:
@@ -197,18 +191,18 @@ def main(argv: list[str] | None = None) -> dict:
             yield x, y
             seen += len(x)
 
-    train_f, train_y = stage_features(encoder, batches("train"), info)
-    test_f, test_y = stage_features(encoder, batches("test"), info)
+    train_f, train_y = stage_features(encoder, batches("train"), info, rt)
+    test_f, test_y = stage_features(encoder, batches("test"), info, rt)
     classes = info.num_classes
     if args.protocol == "fast":
         rows = fast_protocol(train_f, train_y, test_f, test_y, classes, cfg["seed"])
     else:
         if not info.in_memory:
-            raise ValueError("--protocol paper augments images in memory: use it with cifar10, "
-                             "cifar100, stl10 or synthetic, or --protocol fast")
-        train_x = data.load_images(name, data_dir, "train")[0][:len(train_y)].to(device)
+            raise UserError("--protocol paper augments images in memory: use it with cifar10, "
+                            "cifar100, stl10 or synthetic, or --protocol fast", flag=True)
+        train_x = data.load_images(name, data_dir, "train")[0][:len(train_y)].to(rt.device)
         rows = paper_protocol(encoder, train_x, train_y, test_f, test_y, info, classes,
-                              args.epochs, args.batch_size, args.lr, cfg["seed"])
+                              args.epochs, args.batch_size, args.lr, cfg["seed"], rt)
     knn = knn_accuracy(train_f[-1], train_y, test_f[-1], test_y, classes)
 
     changed = [k for k, v in encoder.state_dict().items() if not torch.equal(v, before[k])]
@@ -217,20 +211,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"checkpoint": str(args.ckpt), "method": cfg["method"], "arch": cfg["arch"],
               "dataset": name, "protocol": args.protocol, "random_init": args.random_init,
+              "epoch": ckpt["epoch"], "train_images": len(train_y), "test_images": len(test_y),
               "stages": [{"stage": k + 1, "channels": c, **r}
                          for k, (c, r) in enumerate(zip(encoder.channels, rows))],
-              "knn_top1": knn}
+              "knn_top1": knn, "config": cfg, "provenance": runtime.provenance(rt),
+              "checkpoint_provenance": ckpt.get("provenance")}
     print(f"{cfg['method']} {cfg['arch']} on {name}, {args.protocol} protocol"
           f"{' (random init)' if args.random_init else ''}")
     print("stage  channels  linear top-1")
     for r in result["stages"]:
         print(f"{r['stage']:>5}  {r['channels']:>8}  {r['top1']:>11.2f}")
     print(f"kNN (k=200, final stage): {knn:.2f}")
-    out = Path(args.ckpt).parent / (f"linear_eval_{args.protocol}"
-                                    f"{'_random' if args.random_init else ''}.json")
-    out.write_text(json.dumps(result, indent=2))
+    cli.write_atomic(out, json.dumps(result, indent=2))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "linear_eval.py")

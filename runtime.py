@@ -20,11 +20,14 @@ of this process, cuDNN's autotuner and TF32 matmuls.
 import contextlib
 import os
 import platform
+import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from cli import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp64")  # fp64: for checking exactness, not for training
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -89,11 +92,14 @@ def native_bf16(device: torch.device) -> bool:
 def pick_device(name: str | None = None, local_rank: int = 0, world: int = 1) -> torch.device:
     """--device if given; else this process's GPU, else MPS (one process only), else the CPU."""
     if name:
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name}: not a device (cpu, cuda, cuda:1, mps)", flag=True)
         available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
         if device.type in available and not available[device.type]():
-            raise ValueError(f"--device {name}: no {device.type} device here; "
-                             f"leave --device out to use what this machine has")
+            raise UserError(f"--device {name}: no {device.type} device here; leave --device "
+                            f"out to use what this machine has", flag=True)
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
@@ -201,6 +207,22 @@ def compile_in_place(modules: list[nn.Module]) -> None:
     torch._functorch.config.donated_buffer = False
     for m in modules:
         m.compile(dynamic=False)
+
+
+def provenance(rt: "Runtime | None" = None) -> dict:
+    """What produced a result: the code's git commit (and whether it had local changes), torch,
+    and the machine. Stored in every checkpoint and evaluation JSON."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+    try:
+        commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--", "*.py"))
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    out = {"commit": commit or "unknown", "uncommitted_changes": dirty, "torch": str(torch.__version__)}
+    if rt is not None:
+        out.update(device=device_name(rt.device), runtime=str(rt))
+    return out
 
 
 def shutdown() -> None:

@@ -11,6 +11,7 @@ import torchvision.transforms.v2.functional as TF
 
 import data
 import shapes
+from cli import UserError
 
 
 def test_color_jitter_matches_torchvision_in_each_images_own_order():
@@ -134,7 +135,7 @@ def test_loader_shows_every_image_at_most_once_per_epoch_and_pairs_the_views():
 
 def test_batch_not_divisible_by_world_size_raises_and_says_what_to_do():
     aug = data.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
-    with pytest.raises(ValueError, match="multiple of 3"):
+    with pytest.raises(UserError, match="multiple of 3"):
         data.InMemoryLoader(torch.zeros(64, 3, 32, 32, dtype=torch.uint8), 32, aug, 0, 0, 3)
 
 
@@ -208,10 +209,10 @@ def test_missing_data_that_cannot_be_downloaded_names_data_dir_and_synthetic(tmp
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(data, "download_and_extract_archive", offline)
-    with pytest.raises(FileNotFoundError, match="--data-dir.*--dataset synthetic"):
+    with pytest.raises(UserError, match="--data-dir.*--dataset synthetic"):
         data.load_images("cifar10", tmp_path, "train")
     assert tried and "cifar-10" in tried[0]
-    with pytest.raises(FileNotFoundError, match="--data-dir.*--dataset synthetic"):
+    with pytest.raises(UserError, match="--data-dir.*--dataset synthetic"):
         data.load_images("stl10", tmp_path, "pretrain", download=False)
     assert len(tried) == 1  # download=False does not try
 

@@ -8,6 +8,7 @@ import linear_eval
 import train
 import tsne
 from conftest import TINY
+from cli import UserError
 
 
 def test_linear_eval_beats_chance_and_a_random_encoder(trained):
@@ -44,7 +45,7 @@ def test_linear_eval_paper_protocol_trains_a_classifier_per_stage_on_a_frozen_en
 
 def test_linear_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a checkpoint written by train.py"):
+    with pytest.raises(UserError, match="not a checkpoint written by train.py"):
         linear_eval.main([str(tmp_path / "other.pt")])
 
 

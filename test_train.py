@@ -18,6 +18,7 @@ import recipe
 import runtime
 import train
 from conftest import TINY, free_port, state
+from cli import UserError
 
 
 def log_losses(run: Path) -> torch.Tensor:
@@ -39,14 +40,14 @@ def test_resuming_after_epoch_one_ends_with_the_weights_of_an_uninterrupted_run(
     args = [*TINY, "--method", "loco", "--epochs", "2"]
     train.main([*args, "--out", str(tmp_path / "straight")])
 
-    save = train.save_atomic
-    def save_then_crash(obj, path):                  # dies right after the epoch-0 checkpoint
-        save(obj, path)
+    save = train.save_checkpoint
+    def save_then_crash(*args):                      # dies right after the epoch-0 checkpoint
+        save(*args)
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_atomic", save_then_crash)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main([*args, "--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(train, "save_atomic", save)
+    monkeypatch.setattr(train, "save_checkpoint", save)
     assert state(tmp_path / "resumed")["epoch"] == 0
     train.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
 
@@ -86,17 +87,18 @@ def test_torchrun_with_two_processes_leaves_the_parameters_of_one_process(tmp_pa
 
 
 def test_a_compiled_loco_step_leaves_the_gradients_of_an_eager_one():
-    """Guards --compile: LoCo's second backward through a shared stage once came out wrong."""
+    """Guards --compile: LoCo's backward passes through a shared stage (an input pass that keeps
+    the graph, then the weight pass) once came out wrong under inductor."""
     torch.manual_seed(0)
-    encoder = train.model.resnet18(0.125, "cifar")
-    units = local_units.make_units("loco", 4)
-    heads = local_units.make_heads("loco", encoder.channels, units)
-    eager = [copy.deepcopy(encoder), copy.deepcopy(heads)]
-    runtime.compile_in_place(list(encoder.stages))
+    cpu = runtime.Runtime(torch.device("cpu"), False, torch.float32, False)
+    run = recipe.build({"method": "loco", "arch": "resnet18", "width": 0.125,
+                        "dataset": "cifar10"}, cpu)
+    eager = copy.deepcopy(run)
+    runtime.compile_in_place(list(run.encoder.stages))
     x1, x2 = torch.randn(2, 8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    local_units.train_step(encoder, heads, units, x1, x2, 0.5)
-    local_units.train_step(*eager, units, x1, x2, 0.5)
-    for p, q in zip(encoder.parameters(), eager[0].parameters()):
+    for r in (run, eager):
+        local_units.train_step(r.pieces, r.heads, r.units, x1, x2, 0.5)
+    for p, q in zip(run.encoder.parameters(), eager.encoder.parameters()):
         assert (p.grad - q.grad).norm() <= 1e-4 * q.grad.norm()
 
 
@@ -139,7 +141,7 @@ def test_unknown_method_or_arch_is_refused_with_the_choices(capsys):
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ValueError, match="multiple of 3"):
+    with pytest.raises(UserError, match="multiple of 3"):
         train.main([*TINY, "--out", str(tmp_path)])
 
 
@@ -147,18 +149,18 @@ def test_missing_dataset_offline_names_the_way_out(monkeypatch, tmp_path):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(data, "download_and_extract_archive", offline)
-    with pytest.raises(FileNotFoundError, match="--data-dir.*--dataset synthetic"):
+    with pytest.raises(UserError, match="--data-dir.*--dataset synthetic"):
         train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
     train.main([*TINY, "--method", "gim", "--epochs", "1", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(UserError, match="method"):
         train.main([*TINY, "--method", "loco", "--epochs", "2", "--out", str(tmp_path), "--resume"])
-    with pytest.raises(FileExistsError, match="--resume"):   # and never overwrites it unasked
+    with pytest.raises(UserError, match="--resume"):   # and never overwrites it unasked
         train.main([*TINY, "--method", "gim", "--epochs", "1", "--out", str(tmp_path)])
     torch.save({"state_dict": {}}, tmp_path / "ckpt.pt")          # somebody else's file
-    with pytest.raises(ValueError, match="not a checkpoint written by train.py"):
+    with pytest.raises(UserError, match="not a checkpoint written by train.py"):
         train.main([*TINY, "--method", "gim", "--epochs", "2", "--out", str(tmp_path), "--resume"])
 
 
@@ -168,6 +170,6 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     good = (tmp_path / "ckpt.pt").read_bytes()
     step = local_units.train_step
     monkeypatch.setattr(train.L, "train_step", lambda *a: [l * math.nan for l in step(*a)])
-    with pytest.raises(FloatingPointError, match="NaN.*last good"):
+    with pytest.raises(UserError, match="NaN.*last good"):
         train.main([*args, "--epochs", "2", "--resume"])
     assert (tmp_path / "ckpt.pt").read_bytes() == good

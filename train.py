@@ -1,191 +1,287 @@
 """Pre-train an encoder with SimCLR, GIM or LoCo.
 
+    python train.py --method loco --width 0.25 --subset 8192 --epochs 3 --batch-size 256 --lr 2  # a first run
     python train.py --method loco                              # one process: CUDA, MPS or CPU
     torchrun --nproc_per_node=8 train.py --method loco         # 8 GPUs on one machine
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         train.py --method loco                                 # the same on each of 2 machines
 
-Reads top to bottom: configuration, distributed set-up, data, model and heads, optimizer and
-schedule, resume, then the loop with its logging and checkpoints. The method itself is one call,
-`local_units.train_step`; everything else here is the paper's recipe (Sec. 5.1): LARS, learning
-rate 0.3 x batch/256 (4.8 at 4096), 10 warm-up epochs then cosine decay, both per step, weight
-decay 1e-6.
+The first line needs no download (synthetic shapes, drawn by shapes.py) and takes about 2 minutes
+on a 2-core CPU; the defaults (the paper's recipe, 100 epochs of 50,000 images at full width) are
+a GPU's job: about 12 hours on a 2-core CPU.
 
-Writes into --out: `log.csv` (every unit's loss at every step: the paper's Fig. 2) and `ckpt.pt`
-after every epoch (encoder, heads, optimizer, epoch, config), written atomically by rank 0.
+Reads top to bottom: the configuration (every flag and its default), then `main`, which is the
+whole run in order: processes and device, data, model and optimizer, resume, the loop, and a
+checkpoint after every epoch. The steps `main` names follow it, in the order it calls them:
+resume, the log, the checkpoint. The method itself is one call, `local_units.train_step`, inside
+`recipe.Run.step`; the recipe (LARS, learning rate, warm-up and cosine decay) is in recipe.py.
+
+Writes into --out (default runs/<method>): `log.csv`, every unit's loss at every step (the paper's
+Fig. 2), and `ckpt.pt` after every epoch (encoder, heads, optimizer, epoch, the full configuration
+and the code's git commit), written atomically by rank 0.
 """
 
 import argparse
 import csv
+import io
+import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
+import cli
 import data
+import decoders
 import local_units as L
 import model
 import recipe
 import runtime
+from cli import UserError
+
+# Flags that may differ when a run is resumed: where it runs and how it reports, not what it
+# computes. --epochs may change too (the schedule then differs from an uninterrupted run: noted).
+RESUMABLE = {"resume", "epochs", "out", "data_dir", "device", "workers", "log_every", "time_limit"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", default="loco", choices=L.METHODS)
-    p.add_argument("--arch", default="resnet18", choices=list(model.ENCODERS))
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier of the encoder")
-    p.add_argument("--dataset", default="synthetic", choices=list(data.DATASETS))
-    p.add_argument("--data-dir", default="data", help="where datasets are read (or downloaded)")
-    p.add_argument("--subset", type=int, default=0, help="train on the first N images only (0: all)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=512, help="global: split over processes")
-    p.add_argument("--lr", type=float, default=None, help="default: 0.3 * batch / 256")
-    p.add_argument("--warmup-epochs", type=float, default=10)
-    p.add_argument("--weight-decay", type=float, default=1e-6)
-    p.add_argument("--tau", type=float, default=None, help="default: the dataset's (data.py)")
-    p.add_argument("--out", default="runs/loco", help="run directory: log.csv and ckpt.pt")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=20, help="steps between console lines")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers (imagefolder only)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each stage and head")
-    p.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes")
-    p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
-    p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
-                   help="auto: bf16 autocast where the device computes bf16 natively (runtime.py)")
-    p.add_argument("--memory-format", default="auto", choices=runtime.MEMORY_FORMATS,
-                   help="auto: channels_last on CUDA and CPU (runtime.py)")
-    return p.parse_args(argv)
+    p = cli.parser(__doc__, "train.py")
+    pos, nonneg = cli.positive, cli.at_least_zero
+    what = p.add_argument_group("what is trained")
+    what.add_argument("--method", default="loco", choices=L.METHODS)
+    what.add_argument("--arch", default="resnet18", choices=list(model.ENCODERS))
+    what.add_argument("--width", type=pos(float), default=1.0, help="channel multiplier")
+    what.add_argument("--decoder", default=None, choices=decoders.DECODERS,
+                      help="conv layers of every decoder (Table 4); default: none for simclr, "
+                           "block for gim and loco")
+    what.add_argument("--mlp-layers", type=int, default=2, choices=[2, 4], help="decoder MLP depth")
+    what.add_argument("--sharing", default="stage", choices=L.SHARING,
+                      help="how LoCo's units share the stage between them (Table 5)")
+    what.add_argument("--soft-coef", type=pos(float), default=1e-3,
+                      help="--sharing soft: L2 penalty coefficient")
+    what.add_argument("--top-unit", action=argparse.BooleanOptionalAction, default=True,
+                      help="LoCo: a unit of the top stage alone (without: the paper's Fig. 1, "
+                           "the top stage learns from one loss)")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="synthetic", choices=list(data.DATASETS))
+    d.add_argument("--data-dir", default="data", help="where datasets are read (or downloaded)")
+    d.add_argument("--subset", type=nonneg(int), default=0, help="train on the first N images (0: all)")
+    r = p.add_argument_group("recipe (paper, Sec. 5.1)")
+    r.add_argument("--epochs", type=pos(int), default=100)
+    r.add_argument("--batch-size", type=pos(int), default=512, help="global: split over processes")
+    r.add_argument("--lr", type=pos(float), default=None, help="peak learning rate; default: "
+                   "0.3 x batch / 256")
+    r.add_argument("--warmup-epochs", type=nonneg(float), default=10)
+    r.add_argument("--weight-decay", type=nonneg(float), default=1e-6)
+    r.add_argument("--tau", type=pos(float), default=None,
+                   help="InfoNCE temperature; default: the dataset's (data.py)")
+    r.add_argument("--seed", type=int, default=0)
+    m = p.add_argument_group("where it runs (runtime.py)")
+    m.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
+    m.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
+                   help="auto: bf16 autocast where the device computes bf16 natively")
+    m.add_argument("--memory-format", default="auto", choices=runtime.MEMORY_FORMATS,
+                   help="auto: channels_last on CUDA and CPU")
+    m.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="several processes: BatchNorm statistics over the global batch, as one "
+                        "process computes them (SimCLR's global BN); without, each process "
+                        "normalises its own slice and the saved running statistics are rank 0's")
+    m.add_argument("--compile", action="store_true", help="torch.compile each stage and head")
+    m.add_argument("--workers", type=nonneg(int), default=8, help="DataLoader workers (imagefolder)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="run directory; default: runs/<method>")
+    o.add_argument("--resume", action="store_true", help="continue the run in --out")
+    o.add_argument("--log-every", type=pos(int), default=20, help="steps between console lines")
+    o.add_argument("--time-limit", type=pos(float), default=None,
+                   help="minutes: stop after the epoch in which they run out (continue with --resume)")
+    args = p.parse_args(argv)
+    if args.method != "loco" and args.sharing != "stage":
+        p.error(f"--sharing {args.sharing} is a way for LoCo's units to share (Table 5): use it "
+                f"with --method loco (GIM is the 'no sharing' row)")
+    args.out = args.out or f"runs/{args.method}"
+    return args
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash mid-write leaves the old file."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
 
-    # Distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them, one process.
+    # Processes and device: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them, one process.
     data.local_batch(args.batch_size, runtime.torchrun_env()[1])  # refuses a batch that won't split
     rt = runtime.setup(args.device, args.precision, args.memory_format, distributed=True)
-    rank, world, device = rt.rank, rt.world, rt.device
-    master = rank == 0
-    out = Path(args.out)
-    ckpt_path, log_path = out / "ckpt.pt", out / "log.csv"
-    if master and ckpt_path.exists() and not args.resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, "
-                              f"or choose another --out")
+    out = cli.check_writable(args.out, "--out", is_dir=True)
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.exists() and not args.resume:
+        raise UserError(f"{ckpt_path} exists: add --resume to continue that run, or choose "
+                        f"another --out", flag=True)
     if args.resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        raise UserError(f"--resume: no checkpoint at {ckpt_path} (leave --resume out to start)",
+                        flag=True)
     torch.manual_seed(args.seed)
 
     # Data: every process gets its slice of the same global batch (data.py).
-    info = data.DATASETS[args.dataset]
-    loader = data.pretrain_loader(args.dataset, args.data_dir, args.batch_size, args.seed, device,
-                                  rank, world, args.workers, subset=args.subset)
-    tau = args.tau or info.tau
+    loader = data.pretrain_loader(args.dataset, args.data_dir, args.batch_size, args.seed,
+                                  rt.device, rt.rank, rt.world, args.workers, subset=args.subset)
+    tau = args.tau if args.tau is not None else data.DATASETS[args.dataset].tau
 
-    # Model, heads and optimizer: the units decide which stages each loss trains (local_units.py).
-    stem = info.stem
-    base_lr = args.lr or 0.3 * args.batch_size / 256
+    # Model, decoders, units and LARS (recipe.py); the units decide which stages each loss trains.
+    base_lr = args.lr if args.lr is not None else 0.3 * args.batch_size / 256
     run = recipe.build(vars(args), rt, base_lr)
-    encoder, heads, units, optimizer, params = run.encoder, run.heads, run.units, run.optimizer, run.params
-    names = ["loss_s" + (f"{u.first + 1}" if u.first == u.last else f"{u.first + 1}-{u.last + 1}")
-             for u in units]
-
-    # Schedule, per step.
+    names = unit_names(run)
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
-    # Resume: same config, then carry on from the epoch after the checkpoint's.
-    start_epoch = 0
-    if args.resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or not {"config", "encoder", "heads"} <= set(ckpt):
-            raise ValueError(f"{ckpt_path} is not a checkpoint written by train.py")
-        keep = ("method", "arch", "width", "dataset", "batch_size", "seed", "subset")
-        diff = {k: (ckpt["config"].get(k), getattr(args, k)) for k in keep
-                if ckpt["config"].get(k) != getattr(args, k)}
-        if diff:
-            raise ValueError(f"{ckpt_path} was written with another configuration "
-                             f"(checkpoint vs now: {diff}): resume with the same flags")
-        encoder.load_state_dict(ckpt["encoder"]), heads.load_state_dict(ckpt["heads"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch = ckpt["epoch"] + 1
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if args.resume and log_path.exists():  # drop steps logged after the checkpoint
-            with open(log_path) as f:
-                rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if int(r[1]) < start_epoch * steps_per_epoch]
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerows([["epoch", "step", "lr", *names], *rows])
-        print(f"{args.method} | {args.arch} x{args.width} ({stem} stem) | {args.dataset} | "
-              f"{rt} | batch {args.batch_size} | {steps_per_epoch} "
-              f"steps/epoch | units {names}", flush=True)
+    start_epoch = resume(args, run, ckpt_path) if args.resume else 0
+    log = Log(out / "log.csv", names, start_epoch * steps_per_epoch, args.batch_size, rt,
+              ckpt_path)
+    if rt.rank == 0:
+        cli.write_atomic(out / "config.json", json.dumps(vars(args), indent=2))
+        print(f"{args.method} | {args.arch} x{args.width} | {args.dataset} | {rt} | batch "
+              f"{args.batch_size} | {steps_per_epoch} steps/epoch | units {names}", flush=True)
 
-    # The loop.
+    # The loop: one step is recipe.Run.step (local_units.train_step, then LARS).
+    deadline = time.time() + 60 * args.time_limit if args.time_limit else math.inf
     step = start_epoch * steps_per_epoch
-    pending, lrs, t0, seen = [], [], time.time(), 0
-    for epoch in range(start_epoch, args.epochs):
-        encoder.train(), heads.train()
-        for x1, x2 in loader.epoch(epoch):
-            lr = recipe.lr_at(step, base_lr, warmup_steps, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses = run.step(x1, x2, tau, rt)
-            pending.append(torch.stack(losses).float())   # stays on the device: no sync here
-            lrs.append(lr)
-            step += 1
-            seen += args.batch_size
-            last = step == (epoch + 1) * steps_per_epoch
-            if step % args.log_every == 0 or last:
-                # One sync per interval, not per step: losses wait on the device until here.
-                logged = torch.stack(pending)
-                pending = []
-                if world > 1:
-                    dist.all_reduce(logged)
-                    logged /= world
-                logged = logged.cpu()
-                if not torch.isfinite(logged).all():
-                    bad = [n for n, ok in zip(names, torch.isfinite(logged).all(0)) if not ok]
-                    raise FloatingPointError(
-                        f"loss became NaN or infinite at epoch {epoch}, step {step} (units {bad}). "
-                        f"Nothing from this epoch was saved; {ckpt_path} holds the last good "
-                        f"epoch. Try a lower --lr or a higher --tau, then --resume.")
-                if master:
-                    first = step - len(logged)
-                    with open(log_path, "a", newline="") as f:
-                        csv.writer(f).writerows(
-                            [epoch, first + i, f"{lr_i:.6g}", *(f"{v:.5f}" for v in r)]
-                            for i, (lr_i, r) in enumerate(zip(lrs, logged.tolist())))
-                    rate = seen / (time.time() - t0)
-                    eta = (total_steps - step) * args.batch_size / rate
-                    units_str = " ".join(f"{n} {v:.4f}" for n, v in zip(names, logged[-1]))
-                    print(f"epoch {epoch} step {step}/{total_steps} | {units_str} | lr {lr:.4g} | "
-                          f"{rate:,.0f} img/s | eta {eta / 60:.1f} min", flush=True)
-                seen, t0, lrs = 0, time.time(), []
-        if master:
-            save_atomic({"encoder": encoder.state_dict(), "heads": heads.state_dict(),
-                         "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                         "config": vars(args), "units": [[u.first, u.last] for u in units]},
-                        ckpt_path)
-    runtime.shutdown()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            run.encoder.train(), run.heads.train()
+            for x1, x2 in loader.epoch(epoch):
+                lr = recipe.lr_at(step, base_lr, warmup_steps, total_steps)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                losses = run.step(x1, x2, tau, rt)
+                step += 1
+                log.add(epoch, step, lr, losses, total_steps,
+                        last=step % args.log_every == 0 or step == (epoch + 1) * steps_per_epoch)
+            check_weights(run, epoch, ckpt_path)
+            if rt.rank == 0:
+                save_checkpoint(run, epoch, step, args, rt, ckpt_path)
+            if time.time() > deadline and epoch + 1 < args.epochs:
+                print(f"--time-limit: stopped after epoch {epoch + 1} of {args.epochs}; "
+                      f"continue with the same command and --resume", flush=True)
+                break
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(saved(ckpt_path)) from None
+    finally:
+        runtime.shutdown()
+    return out
+
+
+def unit_names(run: recipe.Run) -> list[str]:
+    """log.csv's column of each unit, by the stages its loss trains: LoCo's "loss_s1-2" reaches
+    stages 1 and 2; a primed stage is the unit's own copy (soft sharing)."""
+    names = []
+    for u, head in zip(run.units, run.heads):
+        a, b = run.stage_of[u.first] + 1, run.stage_of[u.last] + 1
+        top = f"{head.tied_to + 1}'" if head.tied is not None else f"{b}" if b > a else ""
+        names.append(f"loss_s{a}" + (f"-{top}" if top else ""))
+    return names
+
+
+def resume(args: argparse.Namespace, run: recipe.Run, ckpt_path: Path) -> int:
+    """Load the run's checkpoint; refuse one of another configuration. Returns the next epoch."""
+    ckpt = recipe.load_checkpoint(ckpt_path)
+    before = ckpt["config"]
+    diff = {k: (before.get(k), v) for k, v in vars(args).items()
+            if k not in RESUMABLE and before.get(k) != v}
+    if diff:
+        flags = ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items())
+        raise UserError(f"{ckpt_path} was written with {flags}: resume with the same flags, or "
+                        f"start a new run in another --out", flag=True)
+    run.encoder.load_state_dict(ckpt["encoder"]), run.heads.load_state_dict(ckpt["heads"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if before["epochs"] != args.epochs:
+        print(f"--resume: --epochs {before['epochs']} -> {args.epochs}: the cosine schedule now "
+              f"ends at epoch {args.epochs}, so this run is not the one either length gives alone")
+    if ckpt["epoch"] + 1 >= args.epochs:
+        print(f"--resume: {ckpt_path} already holds all {args.epochs} epochs; nothing to do")
+    return ckpt["epoch"] + 1
+
+
+class Log:
+    """log.csv (every unit's loss at every step) and a console line every few steps. Losses wait
+    on the device and are fetched once per line, not per step (one sync per interval), and a NaN
+    or infinite loss stops the run before anything of its epoch is saved."""
+
+    def __init__(self, path: Path, names: list[str], keep_steps: int, batch: int,
+                 rt: runtime.Runtime, ckpt_path: Path):
+        self.path, self.names, self.batch, self.rt = path, names, batch, rt
+        self.ckpt_path = ckpt_path
+        self.pending, self.t0 = [], time.time()
+        if rt.rank == 0:             # keep the steps before the checkpoint, drop a torn line
+            path.parent.mkdir(parents=True, exist_ok=True)
+            header = ["epoch", "step", "lr", *names]
+            rows = []
+            if keep_steps and path.exists():
+                for row in csv.reader(io.StringIO(path.read_text(errors="replace"))):
+                    if len(row) == len(header) and row[1].isdigit() and int(row[1]) < keep_steps:
+                        rows.append(row)
+            text = io.StringIO()
+            csv.writer(text).writerows([header, *rows])
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text.getvalue())
+            os.replace(tmp, path)    # atomic: a crash leaves the old log or the new one
+
+    def add(self, epoch: int, step: int, lr: float, losses: list[torch.Tensor], total: int,
+            last: bool) -> None:
+        self.pending.append((epoch, step - 1, lr, torch.stack(losses).float()))
+        if not last:
+            return
+        logged = torch.stack([p[3] for p in self.pending])   # (steps, units): one sync
+        if self.rt.world > 1:
+            dist.all_reduce(logged)
+            logged /= self.rt.world
+        logged = logged.cpu()
+        if not torch.isfinite(logged).all():
+            bad = [n for n, ok in zip(self.names, torch.isfinite(logged).all(0)) if not ok]
+            raise UserError(f"the loss of {', '.join(bad)} became NaN or infinite at epoch "
+                            f"{epoch}, step {step}. {saved(self.ckpt_path)} Try a lower --lr "
+                            f"or a higher --tau.")
+        if self.rt.rank == 0:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerows([e, s, f"{lr_:.6g}", *(f"{v:.5f}" for v in row)]
+                                        for (e, s, lr_, _), row in zip(self.pending, logged.tolist()))
+            rate = len(self.pending) * self.batch / (time.time() - self.t0)   # images/s
+            losses_now = " ".join(f"{n} {v:.4f}" for n, v in zip(self.names, logged[-1]))
+            print(f"epoch {epoch} step {step}/{total} | {losses_now} | lr {lr:.4g} | "
+                  f"{rate:,.0f} img/s | eta {(total - step) * self.batch / rate / 60:.1f} min",
+                  flush=True)
+        self.pending, self.t0 = [], time.time()
+
+
+def saved(ckpt_path: Path) -> str:
+    """What a failure leaves behind, for its message."""
+    if ckpt_path.exists():
+        epoch = recipe.load_checkpoint(ckpt_path)["epoch"]
+        return (f"Nothing of this epoch was saved: {ckpt_path} holds epoch {epoch}, the last "
+                f"good one (continue from it with --resume).")
+    return "No checkpoint was written yet (start again without --resume)."
+
+
+def check_weights(run: recipe.Run, epoch: int, ckpt_path: Path) -> None:
+    """Never save blown-up weights as the last good epoch: an update can make them infinite while
+    the loss computed before it is still finite."""
+    bad = [n for n, p in [*run.encoder.named_parameters(), *run.heads.named_parameters()]
+           if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"weights became NaN or infinite in epoch {epoch} ({bad[0]}"
+                        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}). "
+                        f"{saved(ckpt_path)} Try a lower --lr.")
+
+
+def save_checkpoint(run: recipe.Run, epoch: int, step: int, args: argparse.Namespace,
+                    rt: runtime.Runtime, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash mid-write leaves the old file."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"encoder": run.encoder.state_dict(), "heads": run.heads.state_dict(),
+                "optimizer": run.optimizer.state_dict(), "epoch": epoch, "step": step,
+                "config": vars(args), "units": [[u.first, u.last] for u in run.units],
+                "stage_of": run.stage_of, "provenance": runtime.provenance(rt)}, tmp)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-        sys.exit(f"train.py: error: {e}")
+    cli.run(main, "train.py")

@@ -7,16 +7,18 @@ the first 10 classes), embedded by the global-average-pooled output of the encod
 then t-SNE (scikit-learn, fixed seed). Points are coloured by class, panels titled by method.
 """
 
-import argparse
-
 import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import torch
 from sklearn.manifold import TSNE
 
+import cli
 import data
-from linear_eval import load_encoder, stage_features
+import runtime
+import recipe
+from linear_eval import stage_features
+from local_units import TITLES
 
 
 def first_per_class(name: str, data_dir: str, classes: int = 10, per_class: int = 50):
@@ -30,28 +32,30 @@ def first_per_class(name: str, data_dir: str, classes: int = 10, per_class: int 
 
 
 def main(argv: list[str] | None = None) -> plt.Figure:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser(__doc__, "tsne.py")
     p.add_argument("ckpts", nargs="+", help="ckpt.pt files written by train.py")
     p.add_argument("--out", default="tsne.png")
     p.add_argument("--data-dir", default=None, help="default: the one used in pre-training")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
+    cli.check_writable(args.out, "--out")
+    rt = runtime.setup(args.device, "fp32")    # 500 images: exact features cost nothing
 
     fig, axes = plt.subplots(1, len(args.ckpts), figsize=(3.2 * len(args.ckpts), 3.4),
                              squeeze=False)
     for ax, path in zip(axes[0], args.ckpts):
-        encoder, cfg = load_encoder(path, torch.device(args.device))
+        encoder, ckpt = recipe.load_encoder(path, rt.device)
+        cfg = ckpt["config"]
         x, y = first_per_class(cfg["dataset"], args.data_dir or cfg["data_dir"])
-        feats, _ = stage_features(encoder, [(x, y)], data.DATASETS[cfg["dataset"]])
+        feats, _ = stage_features(encoder, [(x, y)], data.DATASETS[cfg["dataset"]], rt)
         xy = TSNE(2, perplexity=30, init="pca", random_state=0).fit_transform(feats[-1].cpu().numpy())
         ax.scatter(xy[:, 0], xy[:, 1], c=y.numpy(), cmap="tab10", s=6, vmin=0, vmax=9)
-        ax.set_title({"simclr": "SimCLR", "gim": "GIM", "loco": "LoCo"}[cfg["method"]])
+        ax.set_title(TITLES.get(cfg["method"], cfg["method"]))
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
-    print(f"wrote {args.out}")
+    cli.save_figure(fig, args.out)
     return fig
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "tsne.py")

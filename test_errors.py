@@ -1,0 +1,223 @@
+"""Bad input and interrupts, at every entry point: one line that names the flag or file at fault,
+exit code 2 (a flag) or 1 (a file, the data), and nothing written or changed on disk. A bug in the
+code still shows its traceback. The NaN guards, resume refusal and a torn log line too.
+
+Every case runs its script in this process (no interpreter start-up per case); the one tiny run
+that several cases need is trained once (`run_dir`).
+"""
+
+import math
+import re
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmark
+import cli
+import curves
+import data
+import linear_eval
+import recipe
+import train
+import tsne
+from conftest import TINY, state
+
+SCRIPTS = {"train.py": train, "linear_eval.py": linear_eval, "tsne.py": tsne,
+           "curves.py": curves, "benchmark.py": benchmark}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished one-epoch LoCo run (synthetic shapes), and beside it files that are not runs."""
+    root = tmp_path_factory.mktemp("errors")
+    train.main([*TINY, "--method", "loco", "--epochs", "1", "--out", str(root / "run")])
+    (root / "notes.txt").write_text("not a checkpoint\n")
+    (root / "empty_run").mkdir()
+    (root / "header_only").mkdir()
+    (root / "header_only" / "log.csv").write_text("epoch,step,lr,loss_s1\n")
+    cifar = root / "bad_cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (cifar / name).write_bytes(b"\x80\x04 truncated")
+    return root
+
+
+def snapshot(root: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# (script, arguments with {root} for run_dir, words the one line must hold, exit code)
+CASES = [
+    ("train.py", ["--batch-size", "0"], "--batch-size.*0 is not above 0", 2),
+    ("train.py", ["--lr", "0"], "--lr.*0 is not above 0", 2),
+    ("train.py", ["--lr", "nan"], "--lr.*nan is not above 0", 2),
+    ("train.py", ["--tau", "0"], "--tau.*above 0", 2),
+    ("train.py", ["--width", "0"], "--width.*above 0", 2),
+    ("train.py", ["--epochs", "0"], "--epochs.*above 0", 2),
+    ("train.py", ["--subset", "-1"], "--subset.*0 or more", 2),
+    ("train.py", ["--warmup-epochs", "-1"], "--warmup-epochs.*0 or more", 2),
+    ("train.py", ["--weight-decay=-1e-6"], "--weight-decay.*0 or more", 2),
+    ("train.py", ["--log-every", "0"], "--log-every.*above 0", 2),
+    ("train.py", ["--epochs", "two"], "--epochs.*'two' is not an integer", 2),
+    ("train.py", ["--method", "byol"], "--method.*invalid choice: 'byol'", 2),
+    ("train.py", ["--arch", "vgg"], "--arch.*invalid choice: 'vgg'", 2),
+    ("train.py", ["--method", "gim", "--sharing", "upper"], "--sharing upper.*--method loco", 2),
+    ("train.py", ["--device", "cuda"], "--device cuda: no cuda device", 2),
+    ("train.py", ["--device", "gpu7"], "--device gpu7: not a device", 2),
+    ("train.py", ["--batch-size", "512", "--out", "{root}/new"], "fewer than one batch of "
+     "--batch-size 512", 2),
+    ("train.py", ["--out", "{root}/run"], "run/ckpt.pt exists: add --resume", 2),
+    ("train.py", ["--out", "{root}/new", "--resume"], "--resume: no checkpoint", 2),
+    ("train.py", ["--out", "{root}/run", "--resume", "--lr", "3"], "--lr 2.0 \\(now 3.0\\)", 2),
+    ("train.py", ["--out", "{root}/run", "--resume", "--method", "gim"], "--method loco", 2),
+    ("train.py", ["--out", "{root}/notes.txt/run"], "--out .*notes.txt is not a writable", 2),
+    ("train.py", ["--out", "{root}/notes.txt"], "--out .*is a file", 2),
+    ("train.py", ["--dataset", "cifar10", "--data-dir", "{root}/nowhere", "--out", "{root}/new"],
+     "cifar10: .*not found.*--data-dir", 1),
+    ("train.py", ["--dataset", "cifar10", "--data-dir", "{root}/bad_cifar", "--out",
+                  "{root}/new"], "data_batch_1 is not a CIFAR batch file", 1),
+    ("linear_eval.py", ["{root}/missing.pt"], "missing.pt: no such checkpoint", 1),
+    ("linear_eval.py", ["{root}/notes.txt"], "notes.txt is not a checkpoint written by train", 1),
+    ("linear_eval.py", ["{root}/run/log.csv"], "log.csv is not a checkpoint written by train", 1),
+    ("linear_eval.py", ["{root}/run/ckpt.pt", "--subset", "-5"], "--subset.*0 or more", 2),
+    ("linear_eval.py", ["{root}/run/ckpt.pt", "--lr", "0"], "--lr.*above 0", 2),
+    ("linear_eval.py", ["{root}/run/ckpt.pt", "--out", "{root}/notes.txt/x.json"],
+     "--out .*not a writable directory", 2),
+    ("linear_eval.py", ["{root}/run/ckpt.pt", "--data-dir", "{root}/nowhere", "--subset", "300",
+                        "--out", "{root}/out/le.json"], None, 0),
+    ("tsne.py", ["{root}/missing.pt"], "missing.pt: no such checkpoint", 1),
+    ("tsne.py", ["{root}/notes.txt"], "notes.txt is not a checkpoint", 1),
+    ("tsne.py", ["{root}/run/ckpt.pt", "--out", "{root}/run"], "--out .*is a directory", 2),
+    ("curves.py", ["{root}/empty_run"], "empty_run/log.csv: no such file", 1),
+    ("curves.py", ["{root}/header_only"], "log.csv holds no logged step", 1),
+    ("curves.py", ["{root}/run", "--out", "{root}/nowhere/deeper/c.png"], None, 0),
+    ("curves.py", ["{root}/run", "--out", "{root}/notes.txt/c.png"], "not a writable", 2),
+    ("benchmark.py", ["speed", "--steps", "0"], "--steps.*above 0", 2),
+    ("benchmark.py", ["fast"], "invalid choice: 'fast'", 2),
+    ("benchmark.py", ["train", "--data-dir", "{root}/nowhere"], "cifar10: .*not found", 1),
+]
+
+
+@pytest.mark.parametrize("script,args,expected,code", CASES,
+                         ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
+def test_bad_input_gets_one_line_naming_the_flag_or_file_and_changes_nothing(
+        script, args, expected, code, run_dir, capsys, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(data, "download_and_extract_archive", offline)
+    argv = [a.format(root=run_dir) for a in args]
+    if script == "train.py":
+        argv = [*TINY, *argv] if "--out" in args else [*TINY, *argv, "--out", f"{run_dir}/new"]
+    before = snapshot(run_dir)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(lambda: SCRIPTS[script].main(argv), script)
+        raise SystemExit(0)
+    err = capsys.readouterr().err.strip()
+    if expected is None:                 # a path that works: the control cases
+        assert exit_.value.code == 0, err
+        return
+    assert exit_.value.code == code, err
+    assert len(err.splitlines()) == 1 and err.startswith(f"{script}: error: "), err
+    assert re.search(expected, err), err
+    assert snapshot(run_dir) == before            # nothing written, nothing changed
+
+
+def test_a_bug_in_the_code_still_shows_its_traceback(monkeypatch):
+    def broken(*a, **k):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(train, "parse_args", broken)
+    with pytest.raises(ZeroDivisionError):
+        cli.run(lambda: train.main([]), "train.py")
+
+
+def test_weights_blown_up_by_an_update_are_never_saved_as_the_last_good_epoch(tmp_path, monkeypatch,
+                                                                             capsys):
+    """The losses of epoch 1 are finite (each computed before its update); the epoch's last
+    update leaves an infinite weight. The checkpoint keeps epoch 0, and the message says so."""
+    args = [*TINY, "--method", "loco", "--out", str(tmp_path)]
+    train.main([*args, "--epochs", "1"])
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    step, calls = recipe.Run.step, []
+
+    def blow_up(self, *a):
+        losses = step(self, *a)
+        calls.append(1)
+        if len(calls) == 4:               # the last of the epoch's four steps
+            with torch.no_grad():
+                next(self.encoder.parameters()).fill_(math.inf)
+        return losses
+    monkeypatch.setattr(recipe.Run, "step", blow_up)
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: train.main([*args, "--epochs", "2", "--resume"]), "train.py")
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "weights became NaN or infinite in epoch 1" in err
+    assert "holds epoch 0" in err and "--resume" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_a_nan_in_the_first_epoch_does_not_offer_a_checkpoint_that_was_never_written(
+        tmp_path, monkeypatch, capsys):
+    step = recipe.Run.step
+    monkeypatch.setattr(recipe.Run, "step", lambda self, *a: [l * math.nan for l in step(self, *a)])
+    with pytest.raises(SystemExit):
+        cli.run(lambda: train.main([*TINY, "--epochs", "1", "--out", str(tmp_path)]), "train.py")
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "No checkpoint was written yet" in err
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_ctrl_c_ends_with_one_line_saying_what_was_saved_and_how_to_continue(
+        tmp_path, monkeypatch, capsys):
+    args = [*TINY, "--epochs", "2", "--out", str(tmp_path)]
+    save = train.save_checkpoint
+
+    def save_then_interrupt(*a):
+        save(*a)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: train.main(args), "train.py")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and len(err.splitlines()) == 1
+    assert "holds epoch 0" in err and "--resume" in err
+
+
+def test_resume_continues_past_a_torn_last_line_of_the_log(tmp_path, monkeypatch):
+    """A crash while log.csv was being appended leaves half a line; resume drops it (and every
+    line after the checkpoint's step), rewriting the log atomically, and ends as an uninterrupted
+    run does."""
+    args = [*TINY, "--method", "gim", "--epochs", "2"]
+    train.main([*args, "--out", str(tmp_path / "straight")])
+    save = train.save_checkpoint
+
+    def save_then_crash(*a):
+        save(*a)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, "--out", str(tmp_path / "resumed")])
+    monkeypatch.undo()
+    with open(tmp_path / "resumed" / "log.csv", "a") as f:
+        f.write("1,4,0.5,4.61")                     # torn: a crash in the middle of a row
+    train.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
+    straight = (tmp_path / "straight" / "log.csv").read_text()
+    assert (tmp_path / "resumed" / "log.csv").read_text() == straight
+    for k, v in state(tmp_path / "straight")["encoder"].items():
+        assert torch.equal(state(tmp_path / "resumed")["encoder"][k], v)
+
+
+def test_resume_may_change_only_where_and_how_a_run_is_reported(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    train.main([*TINY, "--epochs", "1", "--out", run])
+    train.main([*TINY, "--epochs", "2", "--out", run, "--resume", "--log-every", "3",
+                "--workers", "0"])
+    assert "the cosine schedule now ends at epoch 2" in capsys.readouterr().out
+    assert state(tmp_path / "run")["epoch"] == 1
+    for flag, value in [("--tau", "0.2"), ("--warmup-epochs", "1"), ("--weight-decay", "0"),
+                        ("--no-sync-bn", None), ("--seed", "1"),
+                        ("--precision", "bf16"), ("--decoder", "none")]:
+        extra = [flag] + ([value] if value else [])
+        with pytest.raises(cli.UserError, match=flag.replace("--no-", "--")):
+            train.main([*TINY, "--epochs", "3", "--out", run, "--resume", *extra])
