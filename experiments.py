@@ -134,6 +134,11 @@ def cifar_cpu(out: Path, data_dir: str, seeds: int, smoke: bool) -> Plan:
                        0.5 if smoke else minutes)
             plan.eval(run, 0.3 if smoke else 2, extra=evalx)
         plan.eval(out / f"simclr_seed{seed}", 0.3 if smoke else 2, random=True, extra=evalx)
+    for seed in range(seeds):            # the paper's Fig. 1 layout (issue: which is default)
+        run = out / f"loco3_seed{seed}"
+        plan.train(run, [*base, "--method", "loco", "--no-top-unit", "--seed", str(seed)],
+                   epochs, 0.5 if smoke else 26)
+        plan.eval(run, 0.3 if smoke else 2, extra=evalx)
     runs = [str(out / f"{m}_seed0") for m in ("simclr", "gim", "loco")]
     plan.other("figure: loss curves", ["curves.py", *runs, "--out", str(out / "curves.png")],
                out / "curves.png", 0.2)
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = {"cifar-cpu": cifar_cpu}[args.plan](out, args.data_dir, args.seeds, args.smoke)
     complete = True if args.table_only else execute(plan, args.minutes, out / "log.txt")
     text = table(out, [(TITLES[m], m) for m in ("simclr", "gim", "loco")]
-                 + [("untrained", "simclr")])
+                 + [("LoCo, no top unit (Fig. 1)", "loco3"), ("untrained", "simclr")])
     cli.write_atomic(out / "table.md", text + "\n")
     print(("" if complete else "(partial) ") + f"linear top-1 (%) by stage, CIFAR-10 test set:\n"
           + text)
