@@ -81,3 +81,59 @@ def _draw(shape, p: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor
     x = x.lerp_(p[:, 5:8, None, None], alpha[:, None])
     x += 0.03 * torch.randn(len(p), 1, size, size, generator=g)  # sensor noise: nothing is flat
     return x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def make_scenes(n: int, seed: int, size: int = 64, cells: int = 2
+                ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """n scenes (uint8 (n, 3, size, size)) of 2 shapes or more (up to 5 and the number of cells)
+    each, for instance segmentation, and per scene its objects: boxes (k, 4) as x1, y1, x2, y2 px,
+    labels (k,) 1..10 (0 is torchvision's background), masks (k, size, size) uint8.
+
+    The scene is a grid of cells x cells; each object sits in a cell of its own (so none hides
+    another and every mask is whole), at a random offset, with a radius of 20-40% of the cell: at
+    32 px a cell, objects 6-13 px in radius, the size of the objects in the 32 px training images.
+    Colours and the background gradient follow make_synthetic's rules. Deterministic from
+    (n, seed, size, cells)."""
+    g = torch.Generator().manual_seed(seed)
+    cell = size / cells
+    t = (torch.arange(size) + 0.5) / size * 2 - 1          # pixel centres in [-1, 1]
+    ys, xs = torch.meshgrid(t, t, indexing="ij")
+    shapes = list(SHAPES.values())
+    tint = lambda grey, rgb: (grey + 0.3 * rgb - 0.15).clamp(0, 1)
+    images, targets = torch.empty(n, 3, size, size, dtype=torch.uint8), []
+    for i in range(n):
+        k = int(torch.randint(2, min(5, cells * cells) + 1, (), generator=g))
+        where = torch.randperm(cells * cells, generator=g)[:k]
+        labels = torch.randint(0, len(shapes), (k,), generator=g)
+        p = torch.rand(k + 1, 8, generator=g)               # row k: the background
+        bg = tint(p[k, 0:1], p[k, 1:4])
+        d = p[k, 4] * 2 * math.pi
+        ramp = (xs * d.cos() + ys * d.sin()).mul(0.35).add(0.5).clamp(0, 1)
+        x = torch.lerp(bg.view(3, 1, 1), (bg + 0.4 * p[k, 5] - 0.2).clamp(0, 1).view(3, 1, 1), ramp)
+        masks = torch.zeros(k, size, size, dtype=torch.uint8)
+        for j in range(k):
+            r = (0.2 + 0.2 * p[j, 0]) * cell                  # radius in px
+            row, col = divmod(int(where[j]), cells)
+            cx = (col + 0.5) * cell + (p[j, 1] - 0.5) * (cell - 2 * r)   # centre in px, in the cell
+            cy = (row + 0.5) * cell + (p[j, 2] - 0.5) * (cell - 2 * r)
+            a = (p[j, 3] - 0.5) * 0.6                         # rotation, +-17 degrees
+            px, py = (xs + 1) * size / 2 - cx, (ys + 1) * size / 2 - cy
+            u = (a.cos() * px + a.sin() * py) / r
+            v = (a.cos() * py - a.sin() * px) / r
+            alpha = (0.5 - shapes[labels[j]](u, v) * r).clamp(0, 1)      # 1-pixel edge ramp
+            fg = tint(p[j, 4:5], p[j, 5:8])
+            if abs(float(fg @ torch.tensor([0.299, 0.587, 0.114]))
+                   - float(x.mean((1, 2)) @ torch.tensor([0.299, 0.587, 0.114]))) < 0.25:
+                fg = (fg + 0.5).remainder(1.0)                # keep it visible on its background
+            x = torch.lerp(x, fg.view(3, 1, 1), alpha)
+            masks[j] = alpha >= 0.5
+        x = x + 0.03 * torch.randn(1, size, size, generator=g)
+        images[i] = x.mul(255).round().clamp(0, 255).to(torch.uint8)
+        keep = masks.flatten(1).any(1).bool()
+        masks, labels = masks[keep], labels[keep]
+        cols, rows = masks.any(1), masks.any(2)               # (k, size): which x, which y hold it
+        first = lambda m: m.int().argmax(1).float()
+        last = lambda m: (size - m.flip(1).int().argmax(1)).float()
+        boxes = torch.stack([first(cols), first(rows), last(cols), last(rows)], 1)
+        targets.append({"boxes": boxes, "labels": labels + 1, "masks": masks})
+    return images, targets

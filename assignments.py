@@ -1,0 +1,205 @@
+"""A course kit: student copies generated from this code, graded by its specification tests.
+
+    python assignments.py make DEST         # a student copy of the repository in DEST
+    python assignments.py grade [N ...]     # in a copy: grade assignment N (default: all)
+
+`make` copies the repository and replaces the body of every function an assignment names with
+its instructions (as the docstring) and `raise NotImplementedError` naming the assignment. The
+teaching code itself carries no solution markers: the table below names what is blanked. The
+tests that grade an assignment are the repository's own (test_loco.py is the specification of the
+method), so a student's code is held to exactly what the reference implementation is held to.
+ASSIGNMENTS.md is the students' text: goal, what to read in the paper, tests, run time.
+"""
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cli
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Assignment:
+    title: str
+    blanks: dict[str, str]      # "file.py:function" -> the instructions students find there
+    tests: list[str]            # pytest arguments that select the grading tests
+
+
+ASSIGNMENTS = {
+    1: Assignment("InfoNCE over 2N views", {
+        "losses.py:info_nce": """Mean InfoNCE (Eq. 1, SimCLR's NT-Xent) over this process's 2n
+        views z (2n, D): rows 0..n-1 are the first views of n images, rows n..2n-1 the second
+        views. For anchor i, the positive is the other view of its image and the negatives are
+        all other 2n-2 views; similarities are cosines divided by tau. Hints: normalise z, build
+        the (2n, 2n) logits, remove each anchor's similarity to itself, use cross-entropy with the
+        positive's column as the label. Compute in float32 even under autocast. Across processes,
+        the negatives are gather(z): every process's views (losses.gather)."""},
+        ["test_loco.py", "-k", "info_nce"]),
+    2: Assignment("The units of SimCLR, GIM and LoCo", {
+        "local_units.py:make_units": """Return the units of `method` on pieces whose stages are
+        stage_of (without block sharing: one piece per stage, stage_of = [0, 1, ..., K-1]),
+        ordered by the piece their head sits on. SimCLR: one unit over everything. GIM: one unit
+        per stage. LoCo: unit k spans stages k and k+1 (k < K-1), plus, if top_unit, the top
+        stage alone. Sharing (Table 5): "upper" gives a shared piece's weights to the unit above
+        only (Unit.learns); "1block"/"2blocks" end unit k at the first piece of stage k+1;
+        "soft" ends it at stage k (its decoder holds a copy of stage k+1). The module docstring
+        draws the table of which loss reaches which stage."""},
+        ["test_loco.py", "-k", "shares_every_stage or upper_grad_only_gives or "
+                               "sharing_blocks_cuts or soft_sharing_gives"]),
+    3: Assignment("One local step: each unit's backward, with its cuts", {
+        "local_units.py:train_step": """Forward each piece once on both views (concatenated: one
+        BatchNorm batch), its input detached, so each piece's graph stands alone; as soon as a
+        unit's top piece has run, call backward_unit for it. Count for every piece how many units
+        pass through it (`visits`), keep each piece's (input, output) in `graph` until no unit
+        needs it, and apply the soft-sharing tie at the end. Return every unit's loss.""",
+        "local_units.py:backward_unit": """Backpropagate unit u's loss: through its head (with a
+        cut of its own), then down its pieces from u.last to u.first, carrying the gradient across
+        each cut by hand and no further. A piece's weight gradient is linear in its output
+        gradient: hold each learning unit's part in `held` and run ONE weight pass per piece, when
+        the last unit through it has delivered; run an input-only pass only where u continues
+        below the piece (merged into the weight pass when u alone trains it). Free a piece's graph
+        after its last use. Return the loss, detached."""},
+        ["test_loco.py", "-k", "reaches_exactly or lower_stage_would or upper_grad_only_still or "
+                               "reference or weight_gradient_once or costs_exactly or "
+                               "forward_once or peak_activation"]),
+    4: Assignment("Linear evaluation on frozen features", {
+        "linear_eval.py:stage_features": """Global-average-pooled output of every stage, a list of
+        (N, C_k) float32 tensors, and the labels (N,), from (uint8 images, labels) batches. The
+        encoder is frozen: it must not move, BatchNorm's running statistics included (why: see
+        the module docstring). Standardise the images with data.standardize and use rt.prepare and
+        rt.autocast as train.py does.""",
+        "linear_eval.py:fit_linear": """Multinomial logistic regression x (N, D) -> classes with an
+        L2 penalty l2 * |W|^2 on the weights, fitted by full-batch L-BFGS (torch.optim.LBFGS,
+        strong Wolfe line search, `steps` iterations). Return the fitted nn.Linear."""},
+        ["test_eval.py", "-k", "linear_eval"]),
+    5: Assignment("An experiment: one row of Table 4 or 5", {}, []),
+}
+EXPERIMENT = "assignment5.json"     # assignment 5's result file, at the root of the copy
+KEYS = {"row": str, "command": str, "linear_top1": float, "knn_top1": float,
+        "paper_top1": float, "explanation": str}
+UNTOUCHED = [["test_data.py"], ["test_loco.py", "-k", "stages_chain or published"],
+             ["test_runtime.py", "-k", "auto_picks or lacks"]]   # run without any blanked code
+
+
+# ---------------------------------------------------------------------------- make
+def blank(source: str, function: str, number: int, title: str, instructions: str) -> tuple[str, list[str]]:
+    """source with `function`'s body replaced; and the code lines removed."""
+    tree = ast.parse(source)
+    node = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                 and n.name == function), None)
+    if node is None:
+        raise cli.UserError(f"assignment {number}: no function {function} to blank")
+    lines = source.splitlines(keepends=True)
+    first, last = node.body[0].lineno - 1, node.end_lineno
+    indent = " " * node.body[0].col_offset
+    text = re.sub(r"\s+", " ", instructions).strip()
+    wrapped, line = [], ""
+    for word in text.split():
+        if len(indent) + len(line) + len(word) > 95:
+            wrapped.append(line.rstrip())
+            line = ""
+        line += word + " "
+    wrapped.append(line.rstrip())
+    body = [f'{indent}"""Assignment {number}, {title}.\n', "\n"]
+    body += [f"{indent}{w}\n" for w in wrapped] + [f'{indent}"""\n']
+    body.append(f'{indent}raise NotImplementedError("Assignment {number} ({title}): implement '
+                f'{function}; see its docstring and ASSIGNMENTS.md")\n')
+    code = node.body[0].end_lineno if ast.get_docstring(node) is not None else first
+    return "".join(lines[:first] + body + lines[last:]), lines[code:last]
+
+
+def repository_files() -> list[Path]:
+    """The tracked files of this repository (git), else its sources and texts."""
+    try:
+        names = subprocess.run(["git", "-C", str(HERE), "ls-files"], capture_output=True,
+                               text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        names = [p.name for p in HERE.glob("*") if p.suffix in (".py", ".md", ".txt")]
+    return [HERE / n for n in names if n != "test_assignments.py"]
+
+
+def make(dest: Path) -> list[str]:
+    """Write the student copy into dest; return every removed code line."""
+    if dest.exists() and any(dest.iterdir()):
+        raise cli.UserError(f"{dest} is not empty: give a new directory", flag=True)
+    for src in repository_files():
+        target = dest / src.relative_to(HERE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    removed = []
+    for number, a in ASSIGNMENTS.items():
+        for where, instructions in a.blanks.items():
+            file, function = where.split(":")
+            source, lines = blank((dest / file).read_text(), function, number, a.title,
+                                  instructions)
+            (dest / file).write_text(source)
+            removed += lines
+    print(f"wrote a student copy to {dest}: {sum(len(a.blanks) for a in ASSIGNMENTS.values())} "
+          f"functions blanked for {len(ASSIGNMENTS)} assignments (ASSIGNMENTS.md)")
+    return removed
+
+
+# ---------------------------------------------------------------------------- grade
+def run_tests(args: list[str], where: Path) -> tuple[int, int, str]:
+    """(passed, total, the first failure's message) of pytest run on args in `where`."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--tb=line", *args], cwd=where, capture_output=True, text=True).stdout
+    count = lambda word: sum(int(n) for n in re.findall(rf"(\d+) {word}", out.splitlines()[-1]))
+    passed, failed = count("passed"), count("failed") + count("error")
+    reason = next((l.strip() for l in out.splitlines() if "NotImplementedError" in l
+                   or l.startswith("E ")), "")
+    return passed, passed + failed, reason
+
+
+def grade_experiment(where: Path) -> tuple[int, int, str]:
+    """Assignment 5: the result file is there and holds every field, of the right kind, with an
+    explanation of at least 50 words. Its values are the student's finding, not graded."""
+    path = where / EXPERIMENT
+    if not path.is_file():
+        return 0, len(KEYS) + 1, f"{EXPERIMENT} not found: see ASSIGNMENTS.md, assignment 5"
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return 0, len(KEYS) + 1, f"{EXPERIMENT} is not JSON: {e}"
+    ok = [isinstance(result.get(k), t) or (t is float and isinstance(result.get(k), int))
+          for k, t in KEYS.items()]
+    ok.append(len(str(result.get("explanation", "")).split()) >= 50)
+    missing = [k for k, good in zip([*KEYS, "explanation of 50 words"], ok) if not good]
+    return sum(ok), len(ok), f"missing or wrong: {', '.join(missing)}" if missing else ""
+
+
+def grade(numbers: list[int], where: Path = HERE) -> dict[int, tuple[int, int]]:
+    scores = {}
+    for n in numbers or ASSIGNMENTS:
+        a = ASSIGNMENTS[n]
+        passed, total, reason = (run_tests(a.tests, where) if a.tests else grade_experiment(where))
+        scores[n] = (passed, total)
+        print(f"assignment {n}  {a.title:<55} {passed:>3}/{total:<3} {100 * passed / max(1, total):5.0f}%"
+              + (f"\n    {reason}" if reason and passed < total else ""), flush=True)
+    full = sum(p == t for p, t in scores.values())
+    print(f"{full} of {len(scores)} assignments complete")
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = cli.parser(__doc__, "assignments.py")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("make", help="write a student copy").add_argument("dest", type=Path)
+    g = sub.add_parser("grade", help="grade assignments in this copy")
+    g.add_argument("numbers", nargs="*", type=int, choices=list(ASSIGNMENTS))
+    args = p.parse_args(argv)
+    if args.command == "make":
+        make(cli.check_writable(args.dest, "DEST", is_dir=True))
+    else:
+        grade(args.numbers)
+
+
+if __name__ == "__main__":
+    cli.run(main, "assignments.py")

@@ -1,0 +1,64 @@
+"""assignments.py: a student copy imports, its untouched tests pass, its graded tests fail with a
+NotImplementedError naming the assignment, no blanked line survives anywhere in it, and putting
+the solutions back makes the grades full. (The grading of assignments 3 and 4, minutes of tests,
+is run by hand: README, Course kit.)"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import assignments
+
+
+@pytest.fixture(scope="module")
+def copy(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("student")
+    removed = assignments.make(dest)
+    return dest, removed
+
+
+def test_the_student_copy_imports_and_its_untouched_tests_pass(copy):
+    dest, _ = copy
+    modules = "import train, linear_eval, detect, experiments, benchmark, tsne, curves"
+    subprocess.run([sys.executable, "-c", modules], cwd=dest, check=True)
+    for args in assignments.UNTOUCHED:
+        passed, total, reason = assignments.run_tests(args, dest)
+        assert total > 0 and passed == total, (args, reason)
+
+
+def test_no_blanked_line_survives_anywhere_in_the_copy(copy):
+    dest, removed = copy
+    code = [l.strip() for l in removed if len(l.strip()) >= 16 and not l.strip().startswith("#")]
+    assert len(code) > 30                                   # the blanked bodies were real code
+    text = "\n".join(p.read_text(errors="replace") for p in dest.rglob("*")
+                     if p.is_file() and p.suffix in (".py", ".md", ".txt", ".json"))
+    assert [l for l in code if l in text] == []
+
+
+def test_graded_tests_fail_naming_the_assignment_and_pass_with_the_solution_back(copy, tmp_path):
+    dest, _ = copy
+    scores = assignments.grade([1, 2], dest)
+    assert all(p == 0 and t > 0 for p, t in scores.values()), scores
+    passed, total, reason = assignments.run_tests(assignments.ASSIGNMENTS[1].tests, dest)
+    assert "Assignment 1 (InfoNCE over 2N views)" in reason
+    solved = tmp_path / "solved"
+    shutil.copytree(dest, solved)
+    for file in ("losses.py", "local_units.py"):
+        shutil.copy(assignments.HERE / file, solved / file)
+    scores = assignments.grade([1, 2], solved)
+    assert all(p == t for p, t in scores.values()), scores
+
+
+def test_the_experiment_is_graded_by_the_shape_of_its_result_file(tmp_path):
+    assert assignments.grade_experiment(tmp_path)[0] == 0
+    result = {"row": "GIM: 1 conv block", "command": "python experiments.py ablations",
+              "linear_top1": 40.1, "knn_top1": 33, "paper_top1": 65.1,
+              "explanation": " ".join(["word"] * 50)}
+    (tmp_path / assignments.EXPERIMENT).write_text(json.dumps(result))
+    assert assignments.grade_experiment(tmp_path)[:2] == (7, 7)
+    result["explanation"] = "too short"
+    (tmp_path / assignments.EXPERIMENT).write_text(json.dumps(result))
+    assert assignments.grade_experiment(tmp_path)[:2] == (6, 7)
