@@ -68,16 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def stage_features(encoder: model.StagedEncoder, batches, info: data.DatasetInfo,
                    rt: runtime.Runtime) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Global-average-pooled output of every stage, a list of (N, C_k) float32, and labels (N,),
-    from (uint8 images, labels) batches."""
-    device = next(encoder.parameters()).device
+    from (uint8 images, labels) batches. The encoder runs in eval mode (module docstring: why)."""
+    encoder.eval()
     out, labels = [[] for _ in encoder.stages], []
     for x, y in batches:
-        h = rt.prepare(data.standardize(x.to(device), info.mean, info.std))
-        with rt.autocast():
-            for k, stage in enumerate(encoder.stages):
-                h = stage(h)
-                out[k].append(h.float().mean((2, 3)))   # (b, C_k)
-        labels.append(y.to(device))
+        h = rt.prepare(data.standardize(x.to(rt.device), info.mean, info.std))
+        for k, stage in enumerate(encoder.stages):
+            h = stage(h)
+            out[k].append(h.float().mean((2, 3)))   # (b, C_k)
+        labels.append(y.to(rt.device))
     return [torch.cat(f) for f in out], torch.cat(labels)
 
 
@@ -191,8 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
             yield x, y
             seen += len(x)
 
-    train_f, train_y = stage_features(encoder, batches("train"), info, rt)
-    test_f, test_y = stage_features(encoder, batches("test"), info, rt)
+    with rt.autocast():
+        train_f, train_y = stage_features(encoder, batches("train"), info, rt)
+        test_f, test_y = stage_features(encoder, batches("test"), info, rt)
     classes = info.num_classes
     if args.protocol == "fast":
         rows = fast_protocol(train_f, train_y, test_f, test_y, classes, cfg["seed"])

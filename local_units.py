@@ -114,9 +114,8 @@ def train_step(pieces: list[nn.Module], heads: nn.ModuleList, units: list[Unit],
         for u, head in zip(units, heads):
             if u.last == j:               # the unit's loss exists now: backpropagate it at once
                 losses.append(backward_unit(pieces, head, u, graph, held, visits, tau))
-    for head in heads:                    # soft sharing: the L2 tie of each copy to its stage
-        if head.tied is not None:
-            tie(pieces[head.tied_to], head.tied, head.tie_coef)
+    for head in filter(lambda head: head.tied is not None, heads):
+        tie(pieces[head.tied_to], head.tied, head.tie_coef)   # soft sharing: copy to its stage
     return losses
 
 

@@ -23,13 +23,16 @@ def test_linear_eval_beats_chance_and_a_random_encoder(trained):
 
 
 def test_linear_eval_refuses_to_report_if_the_frozen_encoder_changed(trained, monkeypatch):
-    """The bit-identity check is real: features taken in train mode move BatchNorm's running
+    """The bit-identity check is real: a forward in train mode moves BatchNorm's running
     statistics, and the evaluation must fail rather than report."""
     features = linear_eval.stage_features
-    def train_mode_features(encoder, *a):
-        encoder.train()
-        return features(encoder, *a)
-    monkeypatch.setattr(linear_eval, "stage_features", train_mode_features)
+
+    def moving_features(encoder, batches, info, rt):
+        batches = list(batches)
+        with torch.no_grad():
+            encoder.train()(linear_eval.data.standardize(batches[0][0], info.mean, info.std))
+        return features(encoder, batches, info, rt)
+    monkeypatch.setattr(linear_eval, "stage_features", moving_features)
     with pytest.raises(RuntimeError, match="changed"):
         linear_eval.main([str(trained / "ckpt.pt"), "--subset", "500"])
 

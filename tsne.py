@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> plt.Figure:
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     args = p.parse_args(argv)
     cli.check_writable(args.out, "--out")
-    rt = runtime.setup(args.device, "fp32")    # 500 images: exact features cost nothing
+    rt = runtime.setup(args.device, "fp32")    # 500 images: exact features cost nothing, so no
+                                               # autocast around stage_features
 
     fig, axes = plt.subplots(1, len(args.ckpts), figsize=(3.2 * len(args.ckpts), 3.4),
                              squeeze=False)
