@@ -19,9 +19,12 @@ device: a CPU timing is a CPU figure, never a GPU one.
 import json
 import statistics
 import time
+import weakref
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import cli
@@ -81,6 +84,34 @@ class _Held:
 
     def __del__(self):
         self.counter._release(self.key, self.size)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Context manager: live and peak bytes of every tensor the operations inside create, saved
+    activations, gradients and temporaries alike (what a device's allocator would hold, on any
+    device). A storage counts from the operation that makes it until its last holder frees it."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive: set[int] = set()     # storage addresses counted and not yet freed
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in self._alive:
+                    self._alive.add(key)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, size)
+        return out
+
+    def _free(self, key: int, size: int) -> None:
+        self._alive.discard(key)
+        self.live -= size
 
 
 def stage_profile(encoder: model.StagedEncoder, x: torch.Tensor) -> list[dict]:
@@ -267,7 +298,7 @@ class TorchvisionViews(torch.utils.data.Dataset):
 
 
 def train_table(rt: runtime.Runtime, data_dir: str, dataset: str = "cifar10",
-                batch: int | None = None, steps: int = 10, workers: int = 2,
+                batch: int | None = None, steps: int = 10, workers: int = 2, width: float = 0.0,
                 settings: tuple = (("fp32", "contiguous"), ("fp32", "channels_last"),
                                    ("auto", "auto"))) -> dict:
     """Training images/s of SimCLR, ResNet-18 with the CIFAR stem (x0.25 off CUDA), per number
@@ -277,7 +308,7 @@ def train_table(rt: runtime.Runtime, data_dir: str, dataset: str = "cifar10",
     before the device rule; "auto" is the rule (runtime.py), skipped where it repeats a row."""
     cuda = rt.device.type == "cuda"
     batch = batch or (512 if cuda else 256)
-    width = 1.0 if cuda else 0.25
+    width = width or (1.0 if cuda else 0.25)
     info = data.DATASETS[dataset]
     loader = data.pretrain_loader(dataset, data_dir, batch, 0, rt.device)
     usual = torch.utils.data.DataLoader(
@@ -334,8 +365,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", default="data", help="train: where CIFAR-10 is")
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"],
                    help="train: cifar10, or synthetic (no data)")
-    p.add_argument("--workers", type=cli.at_least_zero(int), default=2, help="train: DataLoader workers of the usual "
-                   "pipeline")
+    p.add_argument("--workers", type=cli.at_least_zero(int), default=2,
+                   help="train: DataLoader workers of the usual pipeline")
+    p.add_argument("--smoke", action="store_true", help="every table at a toy size, one step "
+                   "each: checks that the code runs, measures nothing")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     if args.out:
@@ -343,17 +376,22 @@ def main(argv: list[str] | None = None) -> dict:
     rt = runtime.setup(args.device, args.precision, args.memory_format)
     results = runtime.provenance(rt)
     print(f"{results['device']} | {rt} | torch {torch.__version__}")
-    if args.what in ("stages", "all"):
+    smoke = {"size": 64, "batch": 1, "steps": 1, "configs": [("resnet18", "cifar", 0.125, 8, 32)],
+             "train_batch": 32, "width": 0.125} if args.smoke else {}
+    if args.what in ("stages", "all") and not args.smoke:
         results["stages"] = stages_table()
     if args.what in ("memory", "all"):
-        batch = args.batch or (64 if rt.device.type == "cuda" else 2)
-        results["memory"] = memory_table(["resnet50", "presnet50"], batch, args.size, rt)
+        batch = smoke.get("batch") or args.batch or (64 if rt.device.type == "cuda" else 2)
+        results["memory"] = memory_table(["resnet50", "presnet50"], batch,
+                                         smoke.get("size", args.size), rt)
     if args.what in ("speed", "all"):
-        results["speed"] = speed_table(rt, args.steps)
+        results["speed"] = speed_table(rt, smoke.get("steps", args.steps), smoke.get("configs"))
     if args.what in ("train", "all"):
         results["train"] = train_table(rt, args.data_dir, args.dataset,
-                                       args.batch if args.what == "train" else None, args.steps,
-                                       args.workers)
+                                       smoke.get("train_batch") or (args.batch if args.what ==
+                                                                    "train" else None),
+                                       smoke.get("steps", args.steps), args.workers,
+                                       smoke.get("width", 0.0))
     if args.out:
         cli.write_atomic(args.out, json.dumps(results, indent=2))
     return results

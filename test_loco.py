@@ -19,7 +19,7 @@ import local_units as L
 import model
 import recipe
 import runtime
-from benchmark import SavedBytes
+from benchmark import LiveBytes, SavedBytes
 from conftest import free_port
 from losses import info_nce
 from torch.utils.flop_counter import FlopCounterMode
@@ -410,6 +410,54 @@ def peak_saved_bytes(method: str) -> int:
 def test_peak_activation_memory_orders_simclr_above_loco_above_gim():
     simclr, loco, gim = (peak_saved_bytes(m) for m in ("simclr", "loco", "gim"))
     assert simclr > loco > gim, (simclr, loco, gim)
+
+
+def two_pass_step(run: recipe.Run, x1, x2) -> None:
+    """The paper's step (Sec. 4.1), the independent baseline for memory: each unit backpropagates
+    through all its stages at once, so a shared stage runs its whole backward twice, weights
+    included, and nothing waits for the unit above."""
+    visits = [sum(u.first <= j <= u.last for u in run.units) for j in range(len(run.pieces))]
+    inputs, outputs, h = {}, {}, torch.cat([x1, x2])
+    for j, piece in enumerate(run.pieces):
+        inputs[j] = h.detach().requires_grad_(j > 0)
+        h = outputs[j] = piece(inputs[j])
+        for u, head in zip(run.units, run.heads):
+            if u.last == j:
+                top = h.detach().requires_grad_()
+                info_nce(head(top), TAU).backward(inputs=[*head.parameters(), top])
+                g = top.grad
+                for i in range(u.last, u.first - 1, -1):
+                    visits[i] -= 1
+                    below = [inputs[i]] if i > u.first else []
+                    torch.autograd.backward(outputs[i], g, retain_graph=visits[i] > 0,
+                                            inputs=[*run.pieces[i].parameters(), *below])
+                    if not visits[i]:
+                        del inputs[i], outputs[i]
+                    if below:
+                        g, below[0].grad = below[0].grad, None
+
+
+@pytest.mark.parametrize("variant", ["loco", "loco, three units"])
+def test_one_weight_pass_costs_no_more_memory_than_the_held_output_gradient(variant):
+    """The price of summing a shared stage's output gradients: one is held until the unit above
+    delivers its own. All the memory of a step (activations, gradients, temporaries) may grow over
+    the paper's two-pass step by at most the largest such held gradient, one piece's output."""
+    run = setup(VARIANTS[variant], "resnet50", "imagenet", dtype=torch.float64)
+    x, baseline = views(n=2, size=64, dtype=torch.float64), copy.deepcopy(run)
+    with LiveBytes() as fused:
+        step(run, *x)
+    with LiveBytes() as two_pass:
+        two_pass_step(baseline, *x)
+    for g, r in zip(grads([run.encoder]), grads([baseline.encoder])):
+        assert (g - r).norm() <= 1e-10 * r.norm()          # the same step, computed two ways
+    with torch.no_grad():
+        h, held = torch.cat(x), []
+        for j, piece in enumerate(run.pieces):
+            h = piece(h)
+            if sum(u.first <= j <= u.last for u in run.units) > 1:
+                held.append(h.nbytes)
+    assert two_pass.peak > 0 and fused.peak <= two_pass.peak + max(held), (fused.peak,
+                                                                           two_pass.peak, held)
 
 
 # 9. Distributed: two processes equal one ----------------------------------------------------------
