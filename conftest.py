@@ -1,9 +1,11 @@
 """Helpers shared by the test files: a tiny training configuration, a free port for process
 groups, and one short LoCo run that several tests read (trained once per test session)."""
 
+import pickle
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,3 +34,22 @@ def trained(tmp_path_factory) -> Path:
     train.main([*TINY, "--subset", "2048", "--epochs", "6", "--warmup-epochs", "1",
                 "--method", "loco", "--out", str(run)])
     return run
+
+
+def write_fake_cifar10(root: Path, per_batch: int = 2, test: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10's files in the layout torchvision downloads (data_batch_1..5, test_batch), with
+    random images: 5 x per_batch training and `test` test images. Returns images and labels."""
+    rng = np.random.default_rng(0)
+    n = 5 * per_batch + test
+    images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    labels = np.arange(n) % 10
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    files = [(f"data_batch_{i + 1}", range(i * per_batch, (i + 1) * per_batch)) for i in range(5)]
+    for name, rows in files + [("test_batch", range(5 * per_batch, n))]:
+        rows = list(rows)
+        batch = {"data": images[rows].reshape(len(rows), -1),  # rows flattened C, H, W
+                 "labels": labels[rows].tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return images, labels

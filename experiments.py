@@ -3,6 +3,7 @@ prints its table, and that continues where it stopped when run again.
 
     python experiments.py cifar-cpu --data-dir data       # Table 1 on CIFAR-10, 2 CPU cores
     python experiments.py ablations --data-dir data       # Tables 4 and 5 at a CPU scale
+    python experiments.py detection                       # Table 3 in miniature (no download)
     python experiments.py gpu --data-dir data             # every GPU figure (README, GPU)
     python experiments.py cifar-cpu --seeds 3             # a third seed in a later sitting
     python experiments.py cifar-cpu --smoke               # every step for a few iterations
@@ -68,13 +69,18 @@ def finished(step: Step) -> bool:
     return ckpt["epoch"] + 1 >= step.train_epochs
 
 
-def execute(plan: Plan, minutes: float | None, log: Path) -> bool:
-    """Run the steps not yet done, in order; False if time ran out before the last."""
+def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = None) -> bool:
+    """Run the steps not yet done, in order; False if time ran out before the last. With `fits`
+    (minutes of a lent machine), the plan says which steps fit in it, in this order."""
     todo = [s for s in plan.steps if not finished(s)]
     print(f"{len(plan.steps) - len(todo)} of {len(plan.steps)} steps done; to do, about "
           f"{sum(s.minutes for s in todo):.0f} min:")
+    total = 0.0
     for s in todo:
-        print(f"  {s.minutes:6.1f} min  {s.name}")
+        total += s.minutes
+        late = fits is not None and total > fits
+        print(f"  {s.minutes:6.1f} min  {s.name}" + (f"  (beyond the first {fits:.0f} min: a "
+                                                      f"later sitting)" if late else ""))
     deadline = time.time() + 60 * minutes if minutes else None
     for s in todo:
         if finished(s):                  # done by an earlier step of this sitting
@@ -110,54 +116,212 @@ def record_minutes(out: Path, name: str, minutes: float) -> None:
 
 
 # ---------------------------------------------------------------------------- plans
+def flags(d: dict) -> list[str]:
+    return [x for k, v in d.items() for x in (f"--{k}", str(v))]
+
+
 # The CPU protocol (README, Results): ResNet-18 at width 1/4, CIFAR stem, all 50,000 training
 # images, batch 256, LARS at lr 4 with one warm-up epoch, 12 epochs; seeds 0, 1, ...
-CPU = {"arch": "resnet18", "width": "0.25", "batch-size": "256", "lr": "4.0",
-       "warmup-epochs": "1"}
+CPU = {"arch": "resnet18", "width": 0.25, "batch-size": 256, "lr": 4.0, "warmup-epochs": 1}
 CPU_EPOCHS = 12
+SMOKE = {"subset": 256, "batch-size": 64, "width": 0.125, "warmup-epochs": 0.5}  # seconds a step
 
 
-def flags(d: dict) -> list[str]:
-    return [x for k, v in d.items() for x in (f"--{k}", v)]
-
-
-def cifar_cpu(out: Path, data_dir: str, seeds: int, smoke: bool) -> Plan:
-    plan, epochs = Plan(), 1 if smoke else CPU_EPOCHS
-    base = flags({**CPU, "dataset": "cifar10", "data-dir": data_dir, "log-every": "20"})
-    if smoke:
-        base += ["--subset", "512", "--batch-size", "128"]
-    evalx = ["--subset", "500"] if smoke else []
-    for seed in range(seeds):
+def cifar_cpu(out: Path, args) -> tuple[Plan, list]:
+    plan, epochs = Plan(), 1 if args.smoke else CPU_EPOCHS
+    base = flags({**CPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 20,
+                  **(SMOKE if args.smoke else {})})
+    evalx = ["--subset", "200"] if args.smoke else []
+    scale = 0.02 if args.smoke else 1
+    for seed in range(args.seeds):
         for method, minutes in (("simclr", 24), ("gim", 27), ("loco", 27)):
             run = out / f"{method}_seed{seed}"
             plan.train(run, [*base, "--method", method, "--seed", str(seed)], epochs,
-                       0.5 if smoke else minutes)
-            plan.eval(run, 0.3 if smoke else 2, extra=evalx)
-        plan.eval(out / f"simclr_seed{seed}", 0.3 if smoke else 2, random=True, extra=evalx)
-    for seed in range(seeds):            # the paper's Fig. 1 layout (issue: which is default)
+                       scale * minutes)
+            plan.eval(run, scale * 2, extra=evalx)
+        plan.eval(out / f"simclr_seed{seed}", scale * 2, random=True, extra=evalx)
+    for seed in range(args.seeds):       # the paper's Fig. 1 layout: which layout is default
         run = out / f"loco3_seed{seed}"
         plan.train(run, [*base, "--method", "loco", "--no-top-unit", "--seed", str(seed)],
-                   epochs, 0.5 if smoke else 26)
-        plan.eval(run, 0.3 if smoke else 2, extra=evalx)
-    runs = [str(out / f"{m}_seed0") for m in ("simclr", "gim", "loco")]
-    plan.other("figure: loss curves", ["curves.py", *runs, "--out", str(out / "curves.png")],
-               out / "curves.png", 0.2)
-    plan.other("figure: t-SNE", ["tsne.py", *[f"{r}/ckpt.pt" for r in runs], "--out",
+                   epochs, scale * 26)
+        plan.eval(run, scale * 2, extra=evalx)
+    figures(plan, out, [out / f"{m}_seed0" for m in ("simclr", "gim", "loco")])
+    rows = [(TITLES[m], m) for m in ("simclr", "gim", "loco")] + [
+        ("LoCo, no top unit (Fig. 1)", "loco3"), ("untrained", "simclr")]
+    return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
+
+
+def figures(plan: Plan, out: Path, runs: list[Path]) -> None:
+    plan.other("figure: loss curves", ["curves.py", *map(str, runs), "--out",
+                                       str(out / "curves.png")], out / "curves.png", 0.2)
+    plan.other("figure: t-SNE", ["tsne.py", *[str(r / "ckpt.pt") for r in runs], "--out",
                                  str(out / "tsne.png")], out / "tsne.png", 0.5)
-    return plan
 
 
-def table(out: Path, rows: list[tuple[str, str]], stages: int = 4) -> str:
-    """Mean ± standard deviation over seeds of every stage's linear top-1 and of kNN, a line per
-    row (title, run-name prefix: the runs <prefix>_seed<k>), with training minutes per seed."""
+# Tables 4 and 5 at a CPU scale: the CPU protocol for 2 epochs (half a warm-up epoch), linear
+# probe on the first 10,000 training images, the full test set. (key, flags, paper's ImageNet
+# top-1 from Table 4 or 5, seeds: two for the rows that decide the paper's claims)
+ABLATIONS = {
+    "simclr": (["--method", "simclr"], 65.7, 1),
+    "gim_none": (["--method", "gim", "--decoder", "none"], 60.9, 2),
+    "simclr_block": (["--method", "simclr", "--decoder", "block"], 65.6, 1),
+    "gim_nods": (["--method", "gim", "--decoder", "block-nods"], 63.6, 1),
+    "gim_block": (["--method", "gim", "--decoder", "block"], 65.1, 2),
+    "gim_2blocks": (["--method", "gim", "--decoder", "2blocks"], 65.8, 1),
+    "gim_stage": (["--method", "gim", "--decoder", "stage"], 65.8, 1),
+    "gim_full": (["--method", "gim", "--decoder", "full"], 65.8, 1),
+    "simclr_mlp4": (["--method", "simclr", "--mlp-layers", "4"], 67.1, 1),
+    "gim_none_mlp4": (["--method", "gim", "--decoder", "none", "--mlp-layers", "4"], 62.3, 1),
+    "loco": (["--method", "loco"], 66.2, 2),
+    "loco_mlp4": (["--method", "loco", "--mlp-layers", "4"], 67.5, 1),
+    "loco_upper": (["--method", "loco", "--sharing", "upper"], 65.3, 2),
+    "loco_soft1e-4": (["--method", "loco", "--sharing", "soft", "--soft-coef", "1e-4"], 65.5, 1),
+    "loco_soft1e-3": (["--method", "loco", "--sharing", "soft", "--soft-coef", "1e-3"], 66.0, 1),
+    "loco_soft1e-2": (["--method", "loco", "--sharing", "soft", "--soft-coef", "1e-2"], 65.9, 1),
+    "loco_1block": (["--method", "loco", "--sharing", "1block"], 64.8, 1),
+    "loco_notop": (["--method", "loco", "--no-top-unit"], None, 1),
+}
+TABLE4 = [("SimCLR: none", "simclr"), ("GIM: none", "gim_none"),
+          ("SimCLR: 1 conv block", "simclr_block"), ("GIM: 1 conv block w/o ds", "gim_nods"),
+          ("GIM: 1 conv block", "gim_block"), ("GIM: 2 conv blocks", "gim_2blocks"),
+          ("GIM: 1 stage", "gim_stage"), ("GIM: full network", "gim_full"),
+          ("SimCLR: 4-layer MLP", "simclr_mlp4"), ("GIM: none, 4-layer MLP", "gim_none_mlp4"),
+          ("LoCo: 1 conv block", "loco"), ("LoCo: 1 conv block, 4-layer MLP", "loco_mlp4")]
+TABLE5 = [("no sharing (GIM)", "gim_block"), ("upper layer grad only", "loco_upper"),
+          ("L2 penalty 1e-4", "loco_soft1e-4"), ("L2 penalty 1e-3", "loco_soft1e-3"),
+          ("L2 penalty 1e-2", "loco_soft1e-2"), ("sharing 1 block", "loco_1block"),
+          ("sharing 1 stage (LoCo)", "loco"), ("LoCo without the top unit", "loco_notop")]
+
+
+def ablations(out: Path, args) -> tuple[Plan, list]:
+    plan = Plan()
+    base = flags({**CPU, "warmup-epochs": 0.5, "dataset": args.dataset, "data-dir": args.data_dir,
+                  "log-every": 40, **(SMOKE if args.smoke else {})})
+    evalx = ["--subset", "200" if args.smoke else "10000"]
+    cost = {"stage": 1.6, "full": 2.2, "soft": 1.5}          # relative to a GIM step, roughly
+    for seed in range(max(s for _, _, s in ABLATIONS.values())):
+        for key, (extra, _, seeds) in ABLATIONS.items():
+            if seed < min(seeds, args.seeds):
+                minutes = 0.02 * 6 if args.smoke else 6 * max(
+                    [c for k, c in cost.items() if k in " ".join(extra)] or [1.0])
+                run = out / f"{key}_seed{seed}"
+                plan.train(run, [*base, *extra, "--seed", str(seed)], 1 if args.smoke else 2,
+                           minutes)
+                plan.eval(run, 0.5, extra=evalx)
+    return plan, [("Table 4, decoders: final-stage linear top-1 (%)", final_table(out, TABLE4)),
+                  ("Table 5, sharing: final-stage linear top-1 (%)", final_table(out, TABLE5))]
+
+
+# Every GPU figure (README, GPU): the benchmark, then CIFAR-10 at the GPU protocol (ResNet-18,
+# CIFAR stem, full width, batch 512, LARS lr 2, 10 warm-up epochs, 100 epochs), SimCLR and LoCo
+# first (the claim), then GIM, the untrained row and the figures.
+GPU = {"arch": "resnet18", "width": 1.0, "batch-size": 512, "lr": 2.0, "warmup-epochs": 10}
+GPU_EPOCHS = 100
+
+
+def gpu(out: Path, args) -> tuple[Plan, list]:
+    plan = Plan()
+    bench = out / "benchmark.json"
+    plan.other("benchmark: memory, speed, throughput",
+               ["benchmark.py", "all", "--data-dir", args.data_dir, "--dataset", args.dataset,
+                "--out", str(bench), *(["--smoke"] if args.smoke else [])], bench, 4)
+    base = flags({**GPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 50,
+                  **(SMOKE if args.smoke else {})})
+    images = 50_000 * GPU_EPOCHS
+    rate = estimated_rates(bench)
+    for method in ("simclr", "loco", "gim"):
+        run = out / f"{method}_seed0"
+        plan.train(run, [*base, "--method", method], 1 if args.smoke else GPU_EPOCHS,
+                   0.1 if args.smoke else images / rate[method] / 60 + 0.5)
+        plan.eval(run, 0.1 if args.smoke else 1, extra=["--subset", "200"] if args.smoke else [])
+    plan.eval(out / "simclr_seed0", 0.1 if args.smoke else 1, random=True,
+              extra=["--subset", "200"] if args.smoke else [])
+    figures(plan, out, [out / f"{m}_seed0" for m in ("simclr", "gim", "loco")])
+    rows = [(TITLES[m], m) for m in ("simclr", "gim", "loco")] + [("untrained", "simclr")]
+    return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
+
+
+def estimated_rates(bench: Path) -> dict[str, float]:
+    """Training images/s per method: measured by the benchmark step if it has run (SimCLR's loop
+    with real augmentation, the others through their step-time ratio), else a guess: the issue's
+    target of 20,000 images/s for SimCLR on one H100, LoCo 1.3x and GIM 1.2x its step time."""
+    rate, ratio = 20_000.0, {"simclr": 1.0, "loco": 1.3, "gim": 1.2}
+    if bench.exists():
+        b = json.loads(bench.read_text())
+        rate = max(r["our_loop"] for r in b["train"].values() if isinstance(r, dict))
+        speed = next(iter(b["speed"].values()))           # ResNet-18, CIFAR stem
+        ratio = {m: speed[m]["time_vs_simclr"] for m in ratio}
+    print(f"expected: SimCLR {rate:,.0f} images/s" + "".join(
+        f", {m} {rate / ratio[m]:,.0f}" for m in ("gim", "loco")))
+    return {m: rate / ratio[m] for m in ratio}
+
+
+# Tables 2-3 in miniature: encoders pre-trained on synthetic shapes by the README's first-run
+# recipe, then Mask R-CNN fine-tuned on 1,000 and on 100 synthetic scenes (like COCO-10K and
+# COCO-1K), two random splits each, scored on the same 200 validation scenes (detect.py).
+FIRST_RUN = {"arch": "resnet18", "width": 0.25, "subset": 8192, "batch-size": 256, "lr": 2.0,
+             "warmup-epochs": 1}
+BUDGETS, SPLITS = (1000, 100), 2
+
+
+def detection(out: Path, args) -> tuple[Plan, list]:
+    plan = Plan()
+    pre = flags({**FIRST_RUN, "dataset": "synthetic", **(SMOKE if args.smoke else {})})
+    for method, minutes in (("simclr", 6), ("gim", 9), ("loco", 7)):
+        plan.train(out / f"pretrain_{method}", [*pre, "--method", method],
+                   1 if args.smoke else 15, 0.1 if args.smoke else minutes)
+    ckpt = lambda m: str(out / f"pretrain_{m}" / "ckpt.pt")
+    for scenes in BUDGETS:
+        for split in range(SPLITS):
+            for init in ("random", "simclr", "gim", "loco"):
+                first = ["random", "--like", ckpt("loco")] if init == "random" else [ckpt(init)]
+                extra = ["--iterations", "2", "--train-scenes", "8"] if args.smoke else [
+                    "--train-scenes", str(scenes)]
+                done = out / f"detect_{init}_{8 if args.smoke else scenes}_{split}.json"
+                plan.other(f"detect {init} {scenes} scenes split {split}",
+                           ["detect.py", *first, *extra, "--split", str(split), "--out", str(out)],
+                           done, 0.2 if args.smoke else 2.5 + 2.5 * (scenes >= 1000))
+    return plan, [("Mask R-CNN on synthetic scenes (mean ± spread over splits)",
+                   detection_table(out, args.smoke))]
+
+
+def detection_table(out: Path, smoke: bool) -> str:
+    lines = ["| encoder | " + " | ".join(f"{n} scenes: box AP | mask AP" for n in BUDGETS) + " |",
+             "|" + " --- |" * (1 + 2 * len(BUDGETS))]
+    for init in ("random", "simclr", "gim", "loco"):
+        cells = []
+        for scenes in BUDGETS:
+            rs = [json.loads(p.read_text())
+                  for p in sorted(out.glob(f"detect_{init}_{8 if smoke else scenes}_*.json"))]
+            cells += [cell([r[f"{k}_AP"] for r in rs]) for k in ("bbox", "segm")]
+        title = "random init (all trained)" if init == "random" else TITLES[init]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- tables
+def results(out: Path, prefix: str, random: bool = False) -> list[dict]:
+    name = "linear_eval_fast_random.json" if random else "linear_eval_fast.json"
+    return [json.loads(p.read_text()) for p in sorted(out.glob(f"{prefix}_seed*/{name}"))]
+
+
+def cell(values: list[float]) -> str:
+    """Mean ± sample standard deviation over seeds (one seed: the value)."""
+    if not values:
+        return "not run"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def stage_table(out: Path, rows: list[tuple[str, str]], stages: int = 4) -> str:
+    """Every stage's linear top-1 and kNN, a line per row (title, run prefix <prefix>_seed<k>),
+    with training minutes per seed."""
     spent = json.loads((out / "minutes.json").read_text()) if (out / "minutes.json").exists() else {}
-    cell = lambda vs: (f"{statistics.mean(vs):.1f} ± {statistics.stdev(vs):.1f}" if len(vs) > 1
-                       else f"{vs[0]:.1f}" if vs else "not run")
     lines = ["| method | seeds | " + " | ".join(f"stage {k + 1}" for k in range(stages))
              + " | kNN | train min/seed |", "|" + " --- |" * (stages + 4)]
     for title, prefix in rows:
-        name = "linear_eval_fast_random.json" if title == "untrained" else "linear_eval_fast.json"
-        rs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{prefix}_seed*/{name}"))]
+        rs = results(out, prefix, random=title == "untrained")
         tops = [cell([r["stages"][k]["top1"] for r in rs]) for k in range(stages)]
         mins = [v for k, v in spent.items() if k.startswith(f"train {prefix}_seed")]
         minutes = f"{statistics.mean(mins):.0f}" if mins and title != "untrained" else ""
@@ -166,28 +330,45 @@ def table(out: Path, rows: list[tuple[str, str]], stages: int = 4) -> str:
     return "\n".join(lines)
 
 
+def final_table(out: Path, rows: list[tuple[str, str]]) -> str:
+    """Final-stage linear top-1 and kNN beside the paper's ImageNet top-1, a line per row."""
+    lines = ["| row | seeds | linear top-1 | kNN | paper (ImageNet, ResNet-50) |",
+             "| --- | --- | --- | --- | --- |"]
+    for title, key in rows:
+        rs = results(out, key)
+        paper = ABLATIONS[key][1]
+        lines.append(f"| {title} | {len(rs)} | {cell([r['stages'][-1]['top1'] for r in rs])} | "
+                     f"{cell([r['knn_top1'] for r in rs])} | {paper or ''} |")
+    return "\n".join(lines)
+
+
+PLANS = {"cifar-cpu": cifar_cpu, "ablations": ablations, "detection": detection, "gpu": gpu}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = cli.parser(__doc__, "experiments.py")
-    p.add_argument("plan", choices=["cifar-cpu", "ablations", "gpu"])
+    p.add_argument("plan", choices=list(PLANS))
     p.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ (downloaded "
                    "there if absent)")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
     p.add_argument("--out", default=None, help="default: runs/<plan>")
     p.add_argument("--seeds", type=cli.positive(int), default=2, help="seeds 0 .. N-1")
     p.add_argument("--minutes", type=cli.positive(float), default=None,
                    help="stop cleanly after this many minutes (continue by running it again)")
-    p.add_argument("--smoke", action="store_true", help="every step for a few iterations")
-    p.add_argument("--table-only", action="store_true", help="print the table of what is done")
+    p.add_argument("--smoke", action="store_true",
+                   help="every step for a few iterations, on whatever device (a test runs it)")
+    p.add_argument("--table-only", action="store_true", help="print the tables of what is done")
     args = p.parse_args(argv)
     out = cli.check_writable(args.out or f"runs/{args.plan}{'_smoke' if args.smoke else ''}",
                              "--out", is_dir=True)
     out.mkdir(parents=True, exist_ok=True)
-    plan = {"cifar-cpu": cifar_cpu}[args.plan](out, args.data_dir, args.seeds, args.smoke)
-    complete = True if args.table_only else execute(plan, args.minutes, out / "log.txt")
-    text = table(out, [(TITLES[m], m) for m in ("simclr", "gim", "loco")]
-                 + [("LoCo, no top unit (Fig. 1)", "loco3"), ("untrained", "simclr")])
-    cli.write_atomic(out / "table.md", text + "\n")
-    print(("" if complete else "(partial) ") + f"linear top-1 (%) by stage, CIFAR-10 test set:\n"
-          + text)
+    plan, _ = PLANS[args.plan](out, args)
+    fits = 25 if args.plan == "gpu" else None           # minutes a lent GPU holds
+    complete = True if args.table_only else execute(plan, args.minutes, out / "log.txt", fits)
+    tables = PLANS[args.plan](out, args)[1]          # again: now with what the steps wrote
+    text = "\n\n".join(f"{title}:\n{t}" for title, t in tables)
+    cli.write_atomic(out / "tables.md", text + "\n")
+    print(("(partial: run the same command again to continue)\n" if not complete else "") + text)
 
 
 if __name__ == "__main__":

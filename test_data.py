@@ -1,7 +1,6 @@
 """data.py: every batched augmentation against torchvision's functional op, per-image randomness,
 world-size invariance of the loaders, and the datasets read from their files."""
 
-import pickle
 import urllib.error
 
 import numpy as np
@@ -11,6 +10,7 @@ import torchvision.transforms.v2.functional as TF
 
 import data
 import shapes
+from conftest import write_fake_cifar10
 from cli import UserError
 
 
@@ -161,24 +161,8 @@ def test_synthetic_colour_is_not_tied_to_class_and_the_stats_table_is_current():
                                atol=0.01, rtol=0)
 
 
-def _write_fake_cifar10(root) -> tuple[np.ndarray, np.ndarray]:
-    """Tiny pickles in the layout torchvision downloads; returns the images (N, 3, 32, 32)."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (12, 3, 32, 32), dtype=np.uint8)
-    labels = np.arange(12) % 10
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    files = [(f"data_batch_{i}", [2 * i - 2, 2 * i - 1]) for i in range(1, 6)]
-    for name, rows in files + [("test_batch", [10, 11])]:
-        batch = {"data": images[rows].reshape(len(rows), -1),  # rows flattened C, H, W
-                 "labels": labels[rows].tolist()}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    return images, labels
-
-
 def test_cifar10_layout_loads_from_the_pickles_without_checksums(tmp_path):
-    images, labels = _write_fake_cifar10(tmp_path)
+    images, labels = write_fake_cifar10(tmp_path)
     x, y = data.load_images("cifar10", tmp_path, "pretrain", download=False)
     assert x.dtype == torch.uint8 and torch.equal(x, torch.from_numpy(images[:10]))
     assert y.tolist() == labels[:10].tolist()
