@@ -193,8 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("make", help="write a student copy").add_argument("dest", type=Path)
     g = sub.add_parser("grade", help="grade assignments in this copy")
-    g.add_argument("numbers", nargs="*", type=int, choices=list(ASSIGNMENTS))
+    g.add_argument("numbers", nargs="*", type=int, help=f"any of {list(ASSIGNMENTS)}; default: all")
     args = p.parse_args(argv)
+    if args.command == "grade" and not set(args.numbers) <= set(ASSIGNMENTS):
+        p.error(f"argument numbers: choose from {list(ASSIGNMENTS)}")
     if args.command == "make":
         make(cli.check_writable(args.dest, "DEST", is_dir=True))
     else:
