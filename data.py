@@ -284,29 +284,32 @@ class SimCLRAugment:
         return cls(info.size, info.crop_scale, info.blur, info.mean, info.std)
 
     def sample_params(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        u = torch.rand(n, 35, generator=generator, device=generator.device)  # all draws, one kernel
+        # Every random number of the batch in one kernel, then each transform's own columns.
+        u = torch.rand(n, 35, generator=generator, device=generator.device)
+        names, widths = zip(("area", 10), ("aspect", 10), ("top", 1), ("left", 1), ("flip", 1),
+                            ("jitter", 1), ("factors", 4), ("order", 4), ("gray", 1), ("blur", 1),
+                            ("sigma", 1))
+        r = {k: c.squeeze(1) if c.shape[1] == 1 else c for k, c in zip(names, u.split(widths, 1))}
         S = self.size
         # torchvision's RandomResizedCrop.get_params: 10 tries of (area, log aspect), take the
         # first box that fits; if none does, the whole image (aspect already in range: square).
-        area = S * S * (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * u[:, :10])
-        aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 10:20])
+        area = S * S * (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * r["area"])
+        aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * r["aspect"])
         w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()  # (n, 10) each
         fits = (w >= 1) & (w <= S) & (h >= 1) & (h <= S)
         first = fits.int().argmax(1, keepdim=True)  # index of the first True (0 if none)
         ok = fits.any(1)
         w = torch.where(ok, w.gather(1, first).squeeze(1), S)
         h = torch.where(ok, h.gather(1, first).squeeze(1), S)
-        top = torch.minimum((u[:, 20] * (S - h + 1)).floor(), S - h)  # randint(0, S-h+1)
-        left = torch.minimum((u[:, 21] * (S - w + 1)).floor(), S - w)
-        jitter = u[:, 23] < 0.8
-        factors = torch.stack([0.6 + 0.8 * u[:, 24], 0.6 + 0.8 * u[:, 25], 0.6 + 0.8 * u[:, 26],
-                               0.2 * u[:, 27] - 0.1], 1)  # brightness, contrast, saturation, hue
-        return {"box": torch.stack([top, left, h, w], 1),
-                "flip": u[:, 22] < 0.5,
-                "jitter": jitter, "factors": factors,
-                "order": u[:, 28:32].argsort(1),  # a uniformly random permutation per image
-                "gray": u[:, 32] < 0.2,
-                "blur": (u[:, 33] < 0.5) & self.blur, "sigma": 0.1 + 1.9 * u[:, 34]}
+        top = torch.minimum((r["top"] * (S - h + 1)).floor(), S - h)  # randint(0, S-h+1)
+        left = torch.minimum((r["left"] * (S - w + 1)).floor(), S - w)
+        f = r["factors"]                  # brightness, contrast, saturation in [0.6, 1.4], hue
+        factors = torch.cat([0.6 + 0.8 * f[:, :3], 0.2 * f[:, 3:] - 0.1], 1)   # in [-0.1, 0.1]
+        return {"box": torch.stack([top, left, h, w], 1), "flip": r["flip"] < 0.5,
+                "jitter": r["jitter"] < 0.8, "factors": factors,
+                "order": r["order"].argsort(1),  # a uniformly random permutation per image
+                "gray": r["gray"] < 0.2,
+                "blur": (r["blur"] < 0.5) & self.blur, "sigma": 0.1 + 1.9 * r["sigma"]}
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         if images.shape[-2:] != (self.size, self.size):

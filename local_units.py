@@ -105,8 +105,9 @@ def train_step(pieces: list[nn.Module], heads: nn.ModuleList, units: list[Unit],
     graph = {}                            # piece j -> (its input, its output), until spent
     h, losses = torch.cat([x1, x2]), []   # (2B, 3, H, W): both views in one pass, one BatchNorm batch
     for j, piece in enumerate(pieces[:units[-1].last + 1]):
-        # The cut at every piece's input: no gradient flows back across it by itself. A unit's
-        # gradient crosses it only where the unit continues below (carried by hand, below).
+        # THE STOP-GRADIENT of local learning, at every piece's input: no loss from above reaches
+        # the pieces below by itself. A unit's gradient is carried across by hand only where that
+        # unit continues below (backward_unit, `cross`); at u.first it stops for good.
         a = h.detach().requires_grad_(any(u.first < j <= u.last for u in units))
         with torch.set_grad_enabled(visits[j] > 0):
             h = piece(a)                  # the piece's one forward in this step
