@@ -17,7 +17,10 @@ import torch
 import benchmark
 import cli
 import curves
+import assignments
 import data
+import detect
+import experiments
 import linear_eval
 import recipe
 import train
@@ -25,7 +28,8 @@ import tsne
 from conftest import TINY, state
 
 SCRIPTS = {"train.py": train, "linear_eval.py": linear_eval, "tsne.py": tsne,
-           "curves.py": curves, "benchmark.py": benchmark}
+           "curves.py": curves, "benchmark.py": benchmark, "detect.py": detect,
+           "experiments.py": experiments, "assignments.py": assignments}
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +101,15 @@ CASES = [
     ("benchmark.py", ["speed", "--steps", "0"], "--steps.*above 0", 2),
     ("benchmark.py", ["fast"], "invalid choice: 'fast'", 2),
     ("benchmark.py", ["train", "--data-dir", "{root}/nowhere"], "cifar10: .*not found", 1),
+    ("detect.py", ["{root}/missing.pt"], "missing.pt: no such checkpoint", 1),
+    ("detect.py", ["{root}/notes.txt"], "notes.txt is not a checkpoint written by train", 1),
+    ("detect.py", ["random"], "'random' needs --like CKPT", 2),
+    ("detect.py", ["{root}/run/ckpt.pt", "--train-scenes", "0"], "--train-scenes.*above 0", 2),
+    ("experiments.py", ["cifar-cpu", "--seeds", "0"], "--seeds.*above 0", 2),
+    ("experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/notes.txt/x"],
+     "--out .*not a writable directory", 2),
+    ("assignments.py", ["make", "{root}/run"], "run is not empty: give a new directory", 2),
+    ("assignments.py", ["grade", "9"], "choose from \\[1, 2, 3, 4, 5\\]", 2),
 ]
 
 
