@@ -131,7 +131,7 @@ def cifar_cpu(out: Path, args) -> tuple[Plan, list]:
     plan, epochs = Plan(), 1 if args.smoke else CPU_EPOCHS
     base = flags({**CPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 20,
                   **(SMOKE if args.smoke else {})})
-    evalx = ["--subset", "200"] if args.smoke else []
+    evalx = ["--data-dir", args.data_dir, *(["--subset", "200"] if args.smoke else [])]
     scale = 0.02 if args.smoke else 1
     for seed in range(args.seeds):
         for method, minutes in (("simclr", 24), ("gim", 27), ("loco", 27)):
@@ -197,7 +197,7 @@ def ablations(out: Path, args) -> tuple[Plan, list]:
     plan = Plan()
     base = flags({**CPU, "warmup-epochs": 0.5, "dataset": args.dataset, "data-dir": args.data_dir,
                   "log-every": 40, **(SMOKE if args.smoke else {})})
-    evalx = ["--subset", "200" if args.smoke else "10000"]
+    evalx = ["--data-dir", args.data_dir, "--subset", "200" if args.smoke else "10000"]
     cost = {"stage": 1.6, "full": 2.2, "soft": 1.5}          # relative to a GIM step, roughly
     for seed in range(max(s for _, _, s in ABLATIONS.values())):
         for key, (extra, _, seeds) in ABLATIONS.items():
@@ -227,15 +227,15 @@ def gpu(out: Path, args) -> tuple[Plan, list]:
                 "--out", str(bench), *(["--smoke"] if args.smoke else [])], bench, 4)
     base = flags({**GPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 50,
                   **(SMOKE if args.smoke else {})})
+    evalx = ["--data-dir", args.data_dir, *(["--subset", "200"] if args.smoke else [])]
     images = 50_000 * GPU_EPOCHS
     rate = estimated_rates(bench)
     for method in ("simclr", "loco", "gim"):
         run = out / f"{method}_seed0"
         plan.train(run, [*base, "--method", method], 1 if args.smoke else GPU_EPOCHS,
                    0.1 if args.smoke else images / rate[method] / 60 + 0.5)
-        plan.eval(run, 0.1 if args.smoke else 1, extra=["--subset", "200"] if args.smoke else [])
-    plan.eval(out / "simclr_seed0", 0.1 if args.smoke else 1, random=True,
-              extra=["--subset", "200"] if args.smoke else [])
+        plan.eval(run, 0.1 if args.smoke else 1, extra=evalx)
+    plan.eval(out / "simclr_seed0", 0.1 if args.smoke else 1, random=True, extra=evalx)
     figures(plan, out, [out / f"{m}_seed0" for m in ("simclr", "gim", "loco")])
     rows = [(TITLES[m], m) for m in ("simclr", "gim", "loco")] + [("untrained", "simclr")]
     return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
