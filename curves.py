@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> plt.Figure:
             ax.plot(simclr[0], smooth(simclr[1], max(1, len(simclr[0]) // 50)), "--",
                     color="grey", label="SimCLR")
         for name, y in losses.items():
-            ax.plot(t, smooth(y, window), label="stages " + name.removeprefix("loss_s"))
+            stages = name.removeprefix("loss_s")
+            ax.plot(t, smooth(y, window), label=("stages " if "-" in stages else "stage ") + stages)
         ax.set_title(TITLES.get(method, method))
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)

@@ -8,7 +8,7 @@
 
 The first line needs no download (synthetic shapes, drawn by shapes.py) and takes about 2 minutes
 on a 2-core CPU; the defaults (the paper's recipe, 100 epochs of 50,000 images at full width) are
-a GPU's job: about 12 hours on a 2-core CPU.
+a GPU's job: days on a 2-core CPU (README, Set up).
 
 Reads top to bottom: the configuration (every flag and its default), then `main`, which is the
 whole run in order: processes and device, data, model and optimizer, resume, the loop, and a
