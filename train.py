@@ -6,7 +6,7 @@
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         train.py --method loco                                 # the same on each of 2 machines
 
-The first line needs no download (synthetic shapes, drawn by shapes.py) and takes about 2 minutes
+The first line needs no download (synthetic shapes, drawn by shapes.py) and takes about a minute
 on a 2-core CPU; the defaults (the paper's recipe, 100 epochs of 50,000 images at full width) are
 a GPU's job: days on a 2-core CPU (README, Set up).
 
