@@ -17,7 +17,6 @@ its share ends (train.py --time-limit). Results go to --out (default runs/<plan>
 """
 
 import json
-import os
 import statistics
 import subprocess
 import sys

@@ -9,7 +9,6 @@ import torch
 
 import detect
 import shapes
-from conftest import state
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import decoders
 import local_units as L
 import model
 import recipe
