@@ -138,6 +138,10 @@ def test_sharing_blocks_cuts_each_stage_after_its_first_blocks_and_shares_only_t
     assert table(run.units) == [(0, 1, [0, 1]), (1, 3, [1, 2, 3]), (3, 5, [3, 4, 5]), (5, 6, [5, 6])]
     two = setup({"method": "loco", "sharing": "2blocks"}, arch="resnet50", stem="imagenet")
     assert [len(p) for p in two.pieces] == [4, 2, 2, 2, 4, 2, 1]
+    # ResNet-18's stages hold two blocks: "2blocks" shares whole stages there, Table 5's LoCo row
+    # (the ablation table reports it so)
+    r18, loco = setup({"method": "loco", "sharing": "2blocks"}), setup({"method": "loco"})
+    assert r18.stage_of == loco.stage_of == [0, 1, 2, 3] and r18.units == loco.units
     # the chained pieces compute the encoder
     x = torch.randn(2, 3, 64, 64)
     run.encoder.eval()
