@@ -68,10 +68,20 @@ def finished(step: Step) -> bool:
     return ckpt["epoch"] + 1 >= step.train_epochs
 
 
+def to_do(plan: Plan) -> list[Step]:
+    """The steps not yet done. A training step whose checkpoint every reader has already used is
+    done too: a checkout holding a run's committed evaluation (results/, checkpoints are not
+    committed) adds rows or seeds beside it without training the run again."""
+    todo = [s for s in plan.steps if not finished(s)]
+    readers = lambda s: [t for t in plan.steps if str(s.done) in t.args]
+    spent = lambda s: s.train_epochs and readers(s) and not any(t in todo for t in readers(s))
+    return [s for s in todo if not spent(s)]
+
+
 def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = None) -> bool:
     """Run the steps not yet done, in order; False if time ran out before the last. With `fits`
     (minutes of a lent machine), the plan says which steps fit in it, in this order."""
-    todo = [s for s in plan.steps if not finished(s)]
+    todo = to_do(plan)
     print(f"{len(plan.steps) - len(todo)} of {len(plan.steps)} steps done; to do, about "
           f"{sum(s.minutes for s in todo):.0f} min:")
     total = 0.0
@@ -103,7 +113,7 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
         if code:
             raise cli.UserError(f"step '{s.name}' failed (exit {code}): see the end of {log}")
         record_minutes(log.parent, s.name, (time.time() - t) / 60)
-    return all(finished(s) for s in plan.steps)
+    return not to_do(plan)
 
 
 def record_minutes(out: Path, name: str, minutes: float) -> None:
@@ -139,14 +149,17 @@ def cifar_cpu(out: Path, args) -> tuple[Plan, list]:
                        scale * minutes)
             plan.eval(run, scale * 2, extra=evalx)
         plan.eval(out / f"simclr_seed{seed}", scale * 2, random=True, extra=evalx)
-    for seed in range(args.seeds):       # the paper's Fig. 1 layout: which layout is default
-        run = out / f"loco3_seed{seed}"
-        plan.train(run, [*base, "--method", "loco", "--no-top-unit", "--seed", str(seed)],
-                   epochs, scale * 26)
-        plan.eval(run, scale * 2, extra=evalx)
+    # the paper's Fig. 1 layout (which layout is the default), and Table 5's deciding control
+    for name, extra in (("loco3", ["--no-top-unit"]), ("loco_upper", ["--sharing", "upper"])):
+        for seed in range(args.seeds):
+            run = out / f"{name}_seed{seed}"
+            plan.train(run, [*base, "--method", "loco", *extra, "--seed", str(seed)], epochs,
+                       scale * 26)
+            plan.eval(run, scale * 2, extra=evalx)
     figures(plan, out, [out / f"{m}_seed0" for m in ("simclr", "gim", "loco")])
     rows = [(TITLES[m], m) for m in ("simclr", "gim", "loco")] + [
-        ("LoCo, no top unit (Fig. 1)", "loco3"), ("untrained", "simclr")]
+        ("LoCo, no top unit (Fig. 1)", "loco3"), ("LoCo, upper-layer grad only (Table 5)",
+                                                 "loco_upper"), ("untrained", "simclr")]
     return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
 
 

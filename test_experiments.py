@@ -52,3 +52,18 @@ def test_the_gpu_plan_runs_every_step_in_smoke_mode(tmp_path, capsys):
     assert "| SimCLR | 1 |" in (out / "tables.md").read_text()
     experiments.main(args)                               # again: nothing left to do
     assert "steps done; to do, about 0 min" in capsys.readouterr().out
+
+
+def test_a_run_whose_evaluation_is_kept_is_not_trained_again(tmp_path):
+    """A checkout holds a run's committed evaluation but not its checkpoint: adding a row beside
+    it must not retrain it (here the training step would fail if it ran)."""
+    plan = experiments.Plan()
+    run = tmp_path / "loco_seed0"
+    plan.train(run, ["--no-such-flag"], epochs=1, minutes=0.1)
+    plan.eval(run, 0.1)
+    run.mkdir()
+    (run / "linear_eval_fast.json").write_text("{}")
+    assert experiments.to_do(plan) == []
+    assert experiments.execute(plan, None, tmp_path / "log.txt")
+    (run / "linear_eval_fast.json").unlink()             # its evaluation missing: train it
+    assert [s.name for s in experiments.to_do(plan)] == ["train loco_seed0", "evaluate loco_seed0"]
