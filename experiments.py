@@ -149,17 +149,21 @@ def cifar_cpu(out: Path, args) -> tuple[Plan, list]:
                        scale * minutes)
             plan.eval(run, scale * 2, extra=evalx)
         plan.eval(out / f"simclr_seed{seed}", scale * 2, random=True, extra=evalx)
-    # the paper's Fig. 1 layout (which layout is the default), and Table 5's deciding control
-    for name, extra in (("loco3", ["--no-top-unit"]), ("loco_upper", ["--sharing", "upper"])):
+    # the paper's Fig. 1 layout (which layout is the default), then the deciding rows of Tables 5
+    # and 4 where the ablation plan's 2 epochs cannot tell rows apart: hard sharing against the
+    # upper unit's gradient only, and GIM's conv decoder against none
+    for name, extra in (("loco3", ["--method", "loco", "--no-top-unit"]),
+                        ("loco_upper", ["--method", "loco", "--sharing", "upper"]),
+                        ("gim_none", ["--method", "gim", "--decoder", "none"])):
         for seed in range(args.seeds):
             run = out / f"{name}_seed{seed}"
-            plan.train(run, [*base, "--method", "loco", *extra, "--seed", str(seed)], epochs,
-                       scale * 26)
+            plan.train(run, [*base, *extra, "--seed", str(seed)], epochs, scale * 26)
             plan.eval(run, scale * 2, extra=evalx)
     figures(plan, out, [out / f"{m}_seed0" for m in ("simclr", "gim", "loco")])
     rows = [(TITLES[m], m) for m in ("simclr", "gim", "loco")] + [
         ("LoCo, no top unit (Fig. 1)", "loco3"), ("LoCo, upper-layer grad only (Table 5)",
-                                                 "loco_upper"), ("untrained", "simclr")]
+                                                 "loco_upper"),
+        ("GIM, no conv decoder (Table 4)", "gim_none"), ("untrained", "simclr")]
     return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
 
 
