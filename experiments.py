@@ -229,7 +229,9 @@ def ablations(out: Path, args) -> tuple[Plan, list]:
                            minutes)
                 plan.eval(run, 0.5, extra=evalx)
     return plan, [("Table 4, decoders: final-stage linear top-1 (%)", final_table(out, TABLE4)),
-                  ("Table 5, sharing: final-stage linear top-1 (%)", final_table(out, TABLE5))]
+                  ("Table 5, sharing: final-stage linear top-1 (%)", final_table(out, TABLE5)),
+                  ("Every run by stage (flags: experiments.ABLATIONS)",
+                   stage_table(out, [(key, key) for key in ABLATIONS]))]
 
 
 # Every GPU figure (README, GPU): the benchmark, then CIFAR-10 at the GPU protocol (ResNet-18,
