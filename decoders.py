@@ -13,6 +13,10 @@ low stages (Sec. 4.2):
                 as the next residual stage; nothing on the top stage, which has no next
     full        fresh copies of every stage above: as deep as the rest of the encoder
 
+`top_kind` gives the heads on the top stage a decoder of their own (train.py --top-decoder):
+the conv block is there to widen the receptive field of *lower* stages (Sec. 4.2), and on the top
+stage Table 4 finds it does nothing for SimCLR.
+
 Soft sharing (Table 5, local_units.py) puts one more thing first: the unit's own copy of the
 stage above its top one (`tied`, initialised identical to the encoder's, tied to it by an L2
 penalty of coefficient `tie_coef` in the step). The encoder evaluated afterwards is the chain of
@@ -68,21 +72,24 @@ def convs(kind: str, stages: nn.ModuleList, channels: list[int], k: int) -> tupl
 
 
 def make_heads(stages: nn.ModuleList, channels: list[int], units: list, stage_of: list[int],
-               kind: str = "block", mlp_layers: int = 2, soft_coef: float | None = None
-               ) -> nn.ModuleList:
-    """One head per unit, on the output of its top piece (of stage stage_of[u.last]). With
-    soft_coef, a unit whose head sits below a stage that another unit starts with gets its own
-    copy of that stage first (soft sharing)."""
+               kind: str = "block", mlp_layers: int = 2, soft_coef: float | None = None,
+               top_kind: str | None = None) -> nn.ModuleList:
+    """One head per unit, on the output of its top piece (of stage stage_of[u.last]). A head
+    that reads the top stage gets `top_kind` if given (say "none": SimCLR's head, on the stage
+    whose receptive field needs no widening), every other head `kind`. With soft_coef, a unit
+    whose head sits below a stage that another unit starts with gets its own copy of that stage
+    first (soft sharing)."""
     heads = []
     firsts = {stage_of[u.first] for u in units}
+    kind_at = lambda k: top_kind if top_kind is not None and k == len(stages) - 1 else kind
     for u in units:
         k = stage_of[u.last]
         if soft_coef is not None and k + 1 in firsts:
             # soft sharing: instead of sharing stage k+1 with the unit above, this unit runs
             # its own copy of it, initialised identical and tied to it by the penalty
-            head = Head(*convs(kind, stages, channels, k + 1), mlp_layers,
+            head = Head(*convs(kind_at(k + 1), stages, channels, k + 1), mlp_layers,
                         copy.deepcopy(stages[k + 1]), k + 1, soft_coef)
         else:
-            head = Head(*convs(kind, stages, channels, k), mlp_layers)
+            head = Head(*convs(kind_at(k), stages, channels, k), mlp_layers)
         heads.append(head)
     return nn.ModuleList(heads)

@@ -2,6 +2,7 @@
 prints its table, and that continues where it stopped when run again.
 
     python experiments.py cifar-cpu --data-dir data       # Table 1 on CIFAR-10, 2 CPU cores
+    python experiments.py gap --data-dir data --jobs 2    # what closes LoCo's gap to SimCLR
     python experiments.py ablations --data-dir data       # Tables 4 and 5 at a CPU scale
     python experiments.py detection                       # Table 3 in miniature (no download)
     python experiments.py gpu --data-dir data             # every GPU figure (README, GPU)
@@ -16,10 +17,13 @@ starts once it has run out, and a training step given less time stops after the 
 its share ends (train.py --time-limit). Results go to --out (default runs/<plan>).
 """
 
+import fcntl
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,13 +63,35 @@ class Plan:
 
 
 def finished(step: Step) -> bool:
+    """Whether a step's file holds its result: a checkpoint with all its epochs, a JSON that
+    parses, a PNG that starts like one. A result that does not is done again (it is rewritten
+    atomically); a checkpoint that does not load stops the plan, since training would resume
+    from it."""
     if not step.done.exists():
         return False
-    if not step.train_epochs:
-        return True
-    import torch
-    ckpt = torch.load(step.done, map_location="cpu", weights_only=True)
-    return ckpt["epoch"] + 1 >= step.train_epochs
+    if step.train_epochs:
+        import torch
+        try:
+            ckpt = torch.load(step.done, map_location="cpu", weights_only=True)
+            return ckpt["epoch"] + 1 >= step.train_epochs
+        except Exception as e:
+            raise cli.UserError(f"{step.done} does not load ({str(e).splitlines()[0][:60]}): "
+                                f"delete it to train '{step.name}' from the start")
+    try:
+        if step.done.suffix == ".json":
+            json.loads(step.done.read_text())
+        elif step.done.suffix == ".png" and step.done.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+            raise ValueError("not a PNG")
+    except (ValueError, UnicodeDecodeError) as e:
+        print(f"{step.done} is corrupt ({str(e)[:60]}): '{step.name}' runs again")
+        return False
+    return True
+
+
+def needs(plan: Plan, step: Step) -> list[Step]:
+    """The training steps whose run `step` reads (its checkpoint or its directory)."""
+    return [t for t in plan.steps if t.train_epochs and t is not step
+            and (str(t.done) in step.args or str(t.done.parent) in step.args)]
 
 
 def to_do(plan: Plan) -> list[Step]:
@@ -73,17 +99,48 @@ def to_do(plan: Plan) -> list[Step]:
     done too: a checkout holding a run's committed evaluation (results/, checkpoints are not
     committed) adds rows or seeds beside it without training the run again."""
     todo = [s for s in plan.steps if not finished(s)]
-    readers = lambda s: [t for t in plan.steps if str(s.done) in t.args]
+    readers = lambda s: [t for t in plan.steps if s in needs(plan, t)]
     spent = lambda s: s.train_epochs and readers(s) and not any(t in todo for t in readers(s))
     return [s for s in todo if not spent(s)]
 
 
-def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = None) -> bool:
-    """Run the steps not yet done, in order; False if time ran out before the last. With `fits`
-    (minutes of a lent machine), the plan says which steps fit in it, in this order."""
+def claim(step: Step) -> bool:
+    """Take a step for this process: a lock file beside its result, holding our pid. Another
+    sitting of the same plan (a second terminal) then leaves it alone; a lock whose process is
+    gone is taken over."""
+    lock = step.done.with_name(f".{step.done.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False                     # its process is alive: not ours
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                lock.unlink(missing_ok=True)     # left by a process that is gone
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(step: Step) -> None:
+    step.done.with_name(f".{step.done.name}.lock").unlink(missing_ok=True)
+
+
+def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = None,
+            jobs: int = 1) -> bool:
+    """Run the steps not yet done, in order, `jobs` at a time (each then gets cores / jobs
+    threads); False if time ran out before the last. A step starts once the runs it reads are
+    trained. With `fits` (minutes of a lent machine), the plan says which steps fit in it."""
     todo = to_do(plan)
     print(f"{len(plan.steps) - len(todo)} of {len(plan.steps)} steps done; to do, about "
-          f"{sum(s.minutes for s in todo):.0f} min:")
+          f"{sum(s.minutes for s in todo):.0f} min" + (f" of work on {jobs} jobs" if jobs > 1
+                                                      else "") + ":")
     total = 0.0
     for s in todo:
         total += s.minutes
@@ -91,37 +148,112 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
         print(f"  {s.minutes:6.1f} min  {s.name}" + (f"  (beyond the first {fits:.0f} min: a "
                                                       f"later sitting)" if late else ""))
     deadline = time.time() + 60 * minutes if minutes else None
-    for s in todo:
-        if finished(s):                  # done by an earlier step of this sitting
-            continue
-        left = (deadline - time.time()) / 60 if deadline else None
-        if left is not None and left < min(1.0, s.minutes):
-            print(f"--minutes: out of time before '{s.name}'; run the same command again")
-            return False
-        args = list(s.args)
-        if s.train_epochs and s.done.exists():
-            args.append("--resume")
-        if s.train_epochs and left is not None:
-            args += ["--time-limit", f"{max(0.1, left - 0.5):.2f}"]
-        print(f"[{time.strftime('%H:%M:%S')}] {s.name}", flush=True)
-        t = time.time()
-        with open(log, "a") as f:
-            f.write(f"\n$ {' '.join(args)}\n")
-            f.flush()
-            code = subprocess.run([PY, *args], stdout=f, stderr=subprocess.STDOUT,
-                                  cwd=Path(__file__).parent).returncode
-        if code:
-            raise cli.UserError(f"step '{s.name}' failed (exit {code}): see the end of {log}")
-        record_minutes(log.parent, s.name, (time.time() - t) / 60)
-    return not to_do(plan)
+    env = dict(os.environ)
+    if jobs > 1:                         # two busy jobs with two threads each wait on each other
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    mutex, running, state = threading.Lock(), set(), {"error": None, "late": False}
+
+    def pick() -> Step | None:
+        """The next step this process may start, or None; state['late'] once time is short."""
+        with mutex:
+            for s in todo:
+                if s.name in running or state["error"] or finished(s):
+                    continue
+                if any(t in todo and not finished(t) for t in needs(plan, s)):
+                    continue             # its run is still training (here or elsewhere)
+                left = (deadline - time.time()) / 60 if deadline else None
+                if left is not None and left < min(1.0, s.minutes):
+                    state["late"] = True
+                    return None
+                if claim(s):
+                    running.add(s.name)
+                    return s
+            return None
+
+    def work() -> None:
+        while not state["error"]:
+            s = pick()
+            if s is None:
+                if state["late"] or not running:
+                    return
+                time.sleep(1)            # a step another job runs may unblock the next
+                continue
+            try:
+                run_step(s, deadline, log, env)
+            except cli.UserError as e:
+                state["error"] = e
+            finally:
+                release(s)
+                with mutex:
+                    running.discard(s.name)
+
+    threads = [threading.Thread(target=work) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if state["error"]:
+        raise state["error"]
+    if state["late"]:
+        print("--minutes: out of time; run the same command again")
+    left = to_do(plan)
+    busy = [s.name for s in left if s.done.with_name(f".{s.done.name}.lock").exists()]
+    if busy:
+        print(f"still running in another sitting: {', '.join(busy)}")
+    return not left
+
+
+def run_step(s: Step, deadline: float | None, log: Path, env: dict) -> None:
+    """One step as a subprocess of this repository's scripts; its output goes to its own log
+    (logs/<step>.txt beside the plan's log), the plan's log.txt says when it ran."""
+    args = list(s.args)
+    if s.train_epochs and s.done.exists():
+        args.append("--resume")
+    left = (deadline - time.time()) / 60 if deadline else None
+    if s.train_epochs and left is not None:
+        args += ["--time-limit", f"{max(0.1, left - 0.5):.2f}"]
+    own = log.parent / "logs" / (s.name.replace(" ", "_").replace("/", "-") + ".txt")
+    own.parent.mkdir(parents=True, exist_ok=True)
+    stamp = lambda what: f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {what} {s.name}"
+    print(stamp("start"), flush=True)
+    with open(log, "a") as f:
+        f.write(f"{stamp('start')}\n$ {' '.join(args)}\n")
+    t = time.time()
+    with open(own, "a") as f:
+        f.write(f"\n$ {' '.join(args)}\n")
+        f.flush()
+        code = subprocess.run([PY, *args], stdout=f, stderr=subprocess.STDOUT, env=env,
+                              cwd=Path(__file__).parent).returncode
+    with open(log, "a") as f:
+        f.write(f"{stamp(f'exit {code} after {(time.time() - t) / 60:.1f} min:')}\n")
+    if code:
+        raise cli.UserError(f"step '{s.name}' failed (exit {code}): see the end of {own}")
+    record_minutes(log.parent, s.name, (time.time() - t) / 60)
 
 
 def record_minutes(out: Path, name: str, minutes: float) -> None:
-    """Wall time of every step, summed over sittings, in out/minutes.json."""
+    """Wall time of every step, summed over sittings, in out/minutes.json (locked: several jobs
+    and sittings write it)."""
     path = out / "minutes.json"
-    spent = json.loads(path.read_text()) if path.exists() else {}
-    spent[name] = round(spent.get(name, 0.0) + minutes, 2)
-    cli.write_atomic(path, json.dumps(spent, indent=1))
+    with open(out / ".minutes.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        spent = read_minutes(out)
+        spent[name] = round(spent.get(name, 0.0) + minutes, 2)
+        cli.write_atomic(path, json.dumps(spent, indent=1))
+
+
+def read_minutes(out: Path) -> dict:
+    path = out / "minutes.json"
+    if not path.exists():
+        return {}
+    try:
+        spent = json.loads(path.read_text())
+        if isinstance(spent, dict) and all(isinstance(v, (int, float)) for v in spent.values()):
+            return spent
+        raise ValueError("not a table of step: minutes")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise cli.UserError(f"{path} is corrupt ({str(e)[:60]}): fix or delete it (it holds "
+                            f"only the minutes each step took)")
 
 
 # ---------------------------------------------------------------------------- plans
@@ -173,6 +305,42 @@ def figures(plan: Plan, out: Path, runs: list[Path]) -> None:
                                        str(out / "curves.png")], out / "curves.png", 0.2)
     plan.other("figure: t-SNE", ["tsne.py", *[str(r / "ckpt.pt") for r in runs], "--out",
                                  str(out / "tsne.png")], out / "tsne.png", 0.5)
+
+
+# The gap study (README, "Where LoCo's gap to SimCLR goes"): the CPU protocol's variants that may
+# close LoCo's 3-point gap to SimCLR at the final stage, deciding rows first. Rows already
+# measured by cifar-cpu (SimCLR, GIM, LoCo at 12 epochs) are read from its committed results.
+# Minutes: training of one run with one thread, two runs side by side (--jobs 2).
+REFERENCE = Path(__file__).resolve().parent / "results" / "cifar-cpu"
+GAP = [  # (run, flags, epochs, seeds, minutes)
+    # 1. the decoders: Sec. 5.1's MLP-only heads for local methods, or only on the top stage
+    ("loco_topnone", ["--method", "loco", "--top-decoder", "none"], 12, 2, 45),
+    ("loco_none", ["--method", "loco", "--decoder", "none"], 12, 2, 45),
+    # 3. schedule length: SimCLR at half and twice the protocol's epochs
+    ("simclr_e6", ["--method", "simclr"], 6, 1, 22),
+    ("simclr_e24", ["--method", "simclr"], 24, 1, 85),
+]
+
+
+def gap(out: Path, args) -> tuple[Plan, list]:
+    plan = Plan()
+    base = flags({**CPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 20,
+                  **(SMOKE if args.smoke else {})})
+    evalx = ["--data-dir", args.data_dir, *(["--subset", "200"] if args.smoke else [])]
+    for seed in range(args.seeds):       # seed 0 of every row before seed 1 of any
+        for name, extra, epochs, seeds, minutes in GAP:
+            if seed < seeds:
+                run = out / f"{name}_seed{seed}"
+                plan.train(run, [*base, *extra, "--seed", str(seed)], 1 if args.smoke else epochs,
+                           0.02 * minutes if args.smoke else minutes)
+                plan.eval(run, 0.04 if args.smoke else 2, extra=evalx)
+    ref = REFERENCE
+    rows = [("SimCLR (12 epochs)", ref / "simclr"), ("GIM", ref / "gim"),
+            ("GIM, MLP-only decoders", ref / "gim_none"), ("LoCo (block decoders)", ref / "loco"),
+            ("LoCo, MLP-only decoders on the top stage", "loco_topnone"),
+            ("LoCo, MLP-only decoders", "loco_none"),
+            ("SimCLR, 6 epochs", "simclr_e6"), ("SimCLR, 24 epochs", "simclr_e24")]
+    return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
 
 
 # Tables 4 and 5 at a CPU scale: the CPU protocol for 2 epochs (half a warm-up epoch), linear
@@ -329,8 +497,7 @@ def detection_table(out: Path, smoke: bool) -> str:
     for init in ("random", "simclr", "gim", "loco"):
         cells, splits = [], []
         for b, scenes in enumerate(BUDGETS):
-            rs = [json.loads(p.read_text())
-                  for p in sorted(out.glob(f"detect_{init}_{8 if smoke else scenes}_*.json"))]
+            rs = [read_json(p) for p in sorted(out.glob(f"detect_{init}_{8 if smoke else scenes}_*.json"))]
             cells += [cell([r[f"{k}_AP"] for r in rs]) for k in ("bbox", "segm")]
             cells += [str(v) for v in PAPER_TABLE3[init][2 * b:2 * b + 2]]
             splits.append(str(len(rs)))
@@ -340,11 +507,22 @@ def detection_table(out: Path, smoke: bool) -> str:
 
 
 # ---------------------------------------------------------------------------- tables
-def results(out: Path, prefix: str, random: bool = False) -> list[dict]:
-    """The evaluations of runs <prefix>_seed<k>, or of the one run <prefix>."""
+def results(out: Path, prefix: str | Path, random: bool = False) -> list[dict]:
+    """The evaluations of runs <prefix>_seed<k>, or of the one run <prefix>; a prefix that is a
+    Path names runs of another plan's folder."""
     name = "linear_eval_fast_random.json" if random else "linear_eval_fast.json"
+    if isinstance(prefix, Path):
+        out, prefix = prefix.parent, prefix.name
     paths = sorted(out.glob(f"{prefix}_seed*/{name}")) or sorted(out.glob(f"{prefix}/{name}"))
-    return [json.loads(p.read_text()) for p in paths]
+    return [read_json(p) for p in paths]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise cli.UserError(f"{path} is corrupt ({str(e)[:60]}): delete it, and run the plan "
+                            f"again to write it anew")
 
 
 def cell(values: list[float]) -> str:
@@ -359,11 +537,12 @@ def cell(values: list[float]) -> str:
 def stage_table(out: Path, rows: list[tuple[str, str]], stages: int = 4) -> str:
     """Every stage's linear top-1 and kNN, a line per row (title, run prefix <prefix>_seed<k>),
     with training minutes per seed."""
-    spent = json.loads((out / "minutes.json").read_text()) if (out / "minutes.json").exists() else {}
     lines = ["| method | seeds | " + " | ".join(f"stage {k + 1}" for k in range(stages))
              + " | kNN | train min/seed |", "|" + " --- |" * (stages + 4)]
     for title, prefix in rows:
         rs = results(out, prefix, random=title == "untrained")
+        where = prefix.parent if isinstance(prefix, Path) else out
+        spent, prefix = read_minutes(where), getattr(prefix, "name", prefix)
         tops = [cell([r["stages"][k]["top1"] for r in rs]) for k in range(stages)]
         mins = [v for k, v in spent.items()
                 if k.startswith(f"train {prefix}_seed") or k == f"train {prefix}"]
@@ -384,7 +563,8 @@ def final_table(out: Path, rows: list[tuple[str, str, float | None]]) -> str:
     return "\n".join(lines)
 
 
-PLANS = {"cifar-cpu": cifar_cpu, "ablations": ablations, "detection": detection, "gpu": gpu}
+PLANS = {"cifar-cpu": cifar_cpu, "gap": gap, "ablations": ablations, "detection": detection,
+         "gpu": gpu}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -397,6 +577,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=cli.positive(int), default=2, help="seeds 0 .. N-1")
     p.add_argument("--minutes", type=cli.positive(float), default=None,
                    help="stop cleanly after this many minutes (continue by running it again)")
+    p.add_argument("--jobs", type=cli.positive(int), default=1,
+                   help="steps run side by side, each with cores / jobs threads")
     p.add_argument("--smoke", action="store_true",
                    help="every step for a few iterations, on whatever device (a test runs it)")
     p.add_argument("--table-only", action="store_true", help="print the tables of what is done")
@@ -406,7 +588,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plan, _ = PLANS[args.plan](out, args)
     fits = 25 if args.plan == "gpu" else None           # minutes a lent GPU holds
-    complete = True if args.table_only else execute(plan, args.minutes, out / "log.txt", fits)
+    complete = True if args.table_only else execute(plan, args.minutes, out / "log.txt", fits,
+                                                            args.jobs)
     tables = PLANS[args.plan](out, args)[1]          # again: now with what the steps wrote
     text = "\n\n".join(f"{title}:\n{t}" for title, t in tables)
     cli.write_atomic(out / "tables.md", text + "\n")

@@ -101,13 +101,17 @@ def build(cfg: dict, rt: Runtime, lr: float = 0.0) -> Run:
     if method != "loco" and sharing != "stage":
         raise UserError(f"--sharing {sharing}: sharing strategies are LoCo's (Table 5); "
                         f"use --method loco, or leave --sharing out", flag=True)
+    if method == "simclr" and cfg.get("top_decoder"):
+        raise UserError("--top-decoder: SimCLR's one head is on the top stage; choose its "
+                        "decoder with --decoder", flag=True)
     encoder = model.build_encoder(cfg["arch"], cfg["width"], data.DATASETS[cfg["dataset"]].stem)
     pieces, stage_of = L.make_pieces(encoder.stages, sharing)
     units = L.make_units(method, stage_of, cfg.get("top_unit", True), sharing)
     decoder = cfg.get("decoder") or ("none" if method == "simclr" else "block")
     heads = decoders.make_heads(encoder.stages, encoder.channels, units, stage_of, decoder,
                                 cfg.get("mlp_layers", 2),
-                                cfg.get("soft_coef", 1e-3) if sharing == "soft" else None)
+                                cfg.get("soft_coef", 1e-3) if sharing == "soft" else None,
+                                cfg.get("top_decoder"))
     for m in (encoder, heads):
         if cfg.get("sync_bn") and rt.world > 1:
             runtime.sync_batchnorm(m, rt.device)   # BatchNorm over the global batch

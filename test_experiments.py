@@ -33,7 +33,7 @@ def test_a_failing_step_names_the_step_and_the_log(tmp_path):
     try:
         experiments.execute(plan, None, tmp_path / "log.txt")
     except experiments.cli.UserError as e:
-        assert "broken step" in str(e) and "log.txt" in str(e)
+        assert "broken step" in str(e) and "broken_step.txt" in str(e)
     else:
         raise AssertionError("a failing step passed")
 

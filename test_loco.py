@@ -41,6 +41,8 @@ VARIANTS = {
     "gim, block without downsampling": {"method": "gim", "decoder": "block-nods"},
     "gim, one stage": {"method": "gim", "decoder": "stage"},
     "gim, full network": {"method": "gim", "decoder": "full"},
+    "loco, MLP-only decoders on the top stage": {"method": "loco", "top_decoder": "none"},
+    "gim, MLP-only decoder on the top stage": {"method": "gim", "top_decoder": "none"},
 }
 
 
@@ -325,6 +327,21 @@ def test_decoders_have_the_depth_table_4_describes():
         {"method": "simclr", "mlp_layers": 4}).heads[0].mlp) == 4
     deep = convs("stage")[0].convs          # own weights, not the encoder's stage
     assert all(p is not q for p, q in zip(deep.parameters(), stages[1].parameters()))
+
+
+@pytest.mark.parametrize("cfg,blocks", [
+    ({"method": "loco", "top_decoder": "none"}, [True, True, False, False]),   # heads on S2 S3 S4 S4
+    ({"method": "loco", "top_decoder": "none", "top_unit": False}, [True, True, False]),
+    ({"method": "gim", "top_decoder": "none"}, [True, True, True, False]),     # heads on S1..S4
+    ({"method": "loco", "decoder": "none", "top_decoder": "block"}, [False, False, True, True]),
+    ({"method": "loco", "sharing": "soft", "top_decoder": "none"}, [True, True, False, False]),
+])
+def test_top_decoder_changes_the_heads_that_read_the_top_stage_and_no_other(cfg, blocks):
+    """--top-decoder: the heads whose features come from the top stage (soft sharing: from their
+    copy of it) get their own decoder; every other head keeps --decoder's."""
+    run = setup(cfg)
+    assert [isinstance(h.convs, model.Bottleneck) for h in run.heads] == blocks
+    assert all(isinstance(h.convs, torch.nn.Identity) for h, b in zip(run.heads, blocks) if not b)
 
 
 # 6. InfoNCE ---------------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--decoder", default=None, choices=decoders.DECODERS,
                       help="conv layers of every decoder (Table 4); default: none for simclr, "
                            "block for gim and loco")
+    what.add_argument("--top-decoder", default=None, choices=decoders.DECODERS[:4],
+                      help="GIM and LoCo: conv layers of the decoders on the top stage; default: "
+                           "those of --decoder")
     what.add_argument("--mlp-layers", type=int, default=2, choices=[2, 4], help="decoder MLP depth")
     what.add_argument("--sharing", default="stage", choices=L.SHARING,
                       help="how LoCo's units share the stage between them (Table 5)")
