@@ -312,13 +312,13 @@ def figures(plan: Plan, out: Path, runs: list[Path]) -> None:
 # measured by cifar-cpu (SimCLR, GIM, LoCo at 12 epochs) are read from its committed results.
 # Minutes: training of one run with one thread, two runs side by side (--jobs 2).
 REFERENCE = Path(__file__).resolve().parent / "results" / "cifar-cpu"
-GAP = [  # (run, flags, epochs, seeds, minutes)
+GAP = [  # (hypothesis, run, flags, epochs, seeds, minutes); run in this order
     # 1. the decoders: Sec. 5.1's MLP-only heads for local methods, or only on the top stage
-    ("loco_topnone", ["--method", "loco", "--top-decoder", "none"], 12, 2, 45),
-    ("loco_none", ["--method", "loco", "--decoder", "none"], 12, 2, 45),
+    (1, "loco_topnone", ["--method", "loco", "--top-decoder", "none"], 12, 2, 45),
+    (1, "loco_none", ["--method", "loco", "--decoder", "none"], 12, 2, 45),
     # 3. schedule length: SimCLR at half and twice the protocol's epochs
-    ("simclr_e6", ["--method", "simclr"], 6, 1, 22),
-    ("simclr_e24", ["--method", "simclr"], 24, 1, 85),
+    (3, "simclr_e6", ["--method", "simclr"], 6, 1, 22),
+    (3, "simclr_e24", ["--method", "simclr"], 24, 1, 85),
 ]
 
 
@@ -327,9 +327,12 @@ def gap(out: Path, args) -> tuple[Plan, list]:
     base = flags({**CPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 20,
                   **(SMOKE if args.smoke else {})})
     evalx = ["--data-dir", args.data_dir, *(["--subset", "200"] if args.smoke else [])]
-    for seed in range(args.seeds):       # seed 0 of every row before seed 1 of any
-        for name, extra, epochs, seeds, minutes in GAP:
-            if seed < seeds:
+    # a hypothesis's rows, seed 0 of every row before seed 1 of any, before the next hypothesis
+    for hypothesis in sorted({row[0] for row in GAP}):
+        for seed in range(args.seeds):
+            for name, extra, epochs, seeds, minutes in [r[1:] for r in GAP if r[0] == hypothesis]:
+                if seed >= seeds:
+                    continue
                 run = out / f"{name}_seed{seed}"
                 plan.train(run, [*base, *extra, "--seed", str(seed)], 1 if args.smoke else epochs,
                            0.02 * minutes if args.smoke else minutes)
