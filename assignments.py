@@ -180,6 +180,9 @@ def grade(numbers: list[int], where: Path = HERE) -> dict[int, tuple[int, int]]:
     for n in numbers or ASSIGNMENTS:
         a = ASSIGNMENTS[n]
         passed, total, reason = (run_tests(a.tests, where) if a.tests else grade_experiment(where))
+        if total == 0:                   # no test of this assignment ran: not a student copy
+            raise cli.UserError(f"{where} holds none of assignment {n}'s tests ({' '.join(a.tests)}"
+                                f"): grade inside a copy written by `assignments.py make DEST`")
         scores[n] = (passed, total)
         print(f"assignment {n}  {a.title:<55} {passed:>3}/{total:<3} {100 * passed / max(1, total):5.0f}%"
               + (f"\n    {reason}" if reason and passed < total else ""), flush=True)

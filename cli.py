@@ -23,6 +23,11 @@ class UserError(Exception):
     """A mistake in a flag or a file, shown to the user as one line."""
 
     def __init__(self, message: str, flag: bool = False):
+        # Raised in a DataLoader worker (a bad image), it reaches the main process rebuilt as
+        # UserError("Caught UserError in DataLoader worker process 0. Original Traceback ...
+        # UserError: <message>"): keep the message, say where it came from.
+        if "Original Traceback" in message:
+            message = message.rsplit("UserError: ", 1)[-1].strip() + " (in a DataLoader worker)"
         super().__init__(message)
         self.exit_code = 2 if flag else 1
 
@@ -67,6 +72,24 @@ def at_least_zero(kind=float):
     return _number(kind, 0, False, "0 or more")
 
 
+ROOT = Path(__file__).resolve().parent        # the repository
+
+
+def portable(path: str | Path) -> str:
+    """A path as results record it: relative to the repository when inside it (a committed
+    result then names no machine's folders), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def resolve(path: str | Path) -> Path:
+    """A recorded path, back to one this machine can open: relative ones are the repository's."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
 def check_writable(path: str | Path, flag: str, is_dir: bool = False) -> Path:
     """Refuse, before any work, an output path that cannot be written: its nearest existing
     ancestor must be a writable directory (and the path itself not a file where a directory is
@@ -88,7 +111,11 @@ def write_atomic(path: str | Path, content: str | bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+    try:
+        tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+    except OSError:                      # a full disk: leave no half-written temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -48,7 +48,13 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
 def method_of(run: Path) -> str:
     """The run's method, from the config.json train.py writes beside the log."""
     config = run / "config.json"
-    return json.loads(config.read_text())["method"] if config.is_file() else run.name
+    if not config.is_file():
+        return run.name
+    try:
+        return json.loads(config.read_text())["method"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{config} is not the configuration train.py writes ({type(e).__name__}"
+                        f"): delete it to label the curves by the folder's name")
 
 
 def main(argv: list[str] | None = None) -> plt.Figure:

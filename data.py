@@ -24,6 +24,7 @@ per-image affine matrix, and per-image choices are torch.where selections. Every
 torchvision's functional op computes on float images; test_train.py compares them.
 """
 
+import functools
 import math
 import pickle
 from dataclasses import dataclass
@@ -83,6 +84,13 @@ DATASETS = {
 SYNTHETIC_SPLITS = {"pretrain": (50_000, 0), "train": (50_000, 0), "test": (10_000, 1)}  # (n, seed)
 
 
+@functools.lru_cache(maxsize=2)
+def _synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic images drawn once per process (1.5 s for 50,000 on one core): a test suite
+    trains and evaluates many tiny runs. Read-only: callers slice, never write."""
+    return make_synthetic(n, seed, DATASETS["synthetic"].size)
+
+
 # ---------------------------------------------------------------------------- datasets on disk
 # name -> (folder under data_dir, archive URL, md5 of the archive)
 _DOWNLOADS = {
@@ -93,6 +101,10 @@ _DOWNLOADS = {
     "stl10": ("stl10_binary", "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
               "91f7769df0f17e558f3565bffb0c7dfb"),
 }
+
+
+class MissingData(UserError):
+    """A dataset that is not where --data-dir says (train.py adds its no-download way out)."""
 
 
 def _folder(name: str, data_dir: str | Path, download: bool) -> Path:
@@ -107,8 +119,8 @@ def _folder(name: str, data_dir: str | Path, download: bool) -> Path:
         except (OSError, RuntimeError) as e:  # offline: URLError, an OSError; bad md5: RuntimeError
             why = f"download failed: {e}"
     if not root.is_dir():
-        raise UserError(f"{name}: {root} not found ({why}). Point --data-dir at the folder "
-                                f"that holds {folder}/, or run without data: --dataset synthetic")
+        raise MissingData(f"{name}: {root} not found ({why}). Point --data-dir at the folder "
+                          f"that holds {folder}/")
     return root
 
 
@@ -144,8 +156,7 @@ def load_images(name: str, data_dir: str | Path, split: str,
     if split not in ("pretrain", "train", "test"):
         raise ValueError(f"split must be pretrain, train or test, not {split!r}")
     if name == "synthetic":
-        n, seed = SYNTHETIC_SPLITS[split]
-        return make_synthetic(n, seed, DATASETS[name].size)
+        return _synthetic(*SYNTHETIC_SPLITS[split])
     if name not in _DOWNLOADS:
         raise ValueError(f"{name!r} is not held in memory; use pretrain_loader / eval_batches")
     root = _folder(name, data_dir, download)
@@ -382,6 +393,25 @@ class InMemoryLoader:
             yield self.augment.apply(torch.cat([x, x]), params).chunk(2)    # both views in one pass
 
 
+def read_image(path: str):
+    """ImageFolder's loader, with a file that PIL cannot read named in one line (its error in a
+    DataLoader worker would otherwise reach the user as the worker's traceback)."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f, Image.open(f) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for truncated/unknown files
+        raise UserError(f"{path} is not a readable image ({type(e).__name__}): delete or "
+                        f"replace it")
+
+
+def image_folder(root: Path, transform) -> ImageFolder:
+    if not root.is_dir():
+        raise MissingData(f"{root} not found: --data-dir must hold train/<class>/ and "
+                          f"val/<class>/ image folders (ImageNet's layout)")
+    return ImageFolder(str(root), transform=transform, loader=read_image)
+
+
 class _TwoViews:
     def __init__(self, transform):
         self.transform = transform
@@ -405,7 +435,7 @@ class FolderLoader:
             v2.RandomGrayscale(0.2),
             v2.RandomApply([v2.GaussianBlur(_blur_kernel(info.size), (0.1, 2.0))],
                            p=0.5 * info.blur)])
-        folder = ImageFolder(str(Path(root) / "train"), transform=_TwoViews(views))
+        folder = image_folder(Path(root) / "train", _TwoViews(views))
         if subset:  # files are sorted by class: take every k-th so that all classes stay
             folder = Subset(folder, range(0, len(folder), max(1, len(folder) // subset))[:subset])
         # shuffles with (seed, epoch); given rank and size it needs no process group
@@ -413,7 +443,7 @@ class FolderLoader:
                                           drop_last=True)
         self.loader = DataLoader(folder, local_batch(global_batch, world_size),
                                  sampler=self.sampler, num_workers=workers, drop_last=True,
-                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                 pin_memory=device.type == "cuda",
                                  generator=_generator(torch.device("cpu"), seed, rank))
         self.stats, self.device = (info.mean, info.std), device
 
@@ -422,9 +452,13 @@ class FolderLoader:
 
     def epoch(self, e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(e)
-        for (x1, x2), _ in self.loader:
-            yield (standardize(x1.to(self.device, non_blocking=True), *self.stats),
-                   standardize(x2.to(self.device, non_blocking=True), *self.stats))
+        batches = iter(self.loader)
+        try:
+            for (x1, x2), _ in batches:
+                yield (standardize(x1.to(self.device, non_blocking=True), *self.stats),
+                       standardize(x2.to(self.device, non_blocking=True), *self.stats))
+        finally:
+            del batches                  # its workers stop now, not whenever an error is freed
 
 
 def pretrain_loader(name: str, data_dir: str | Path, global_batch: int, seed: int,
@@ -455,7 +489,7 @@ def eval_batches(name: str, data_dir: str | Path, split: str, batch_size: int,
         return
     t = v2.Compose([v2.ToImage(), v2.Resize(info.size * 8 // 7, antialias=True),
                     v2.CenterCrop(info.size)])
-    folder = ImageFolder(str(Path(data_dir) / ("val" if split == "test" else "train")), transform=t)
+    folder = image_folder(Path(data_dir) / ("val" if split == "test" else "train"), t)
     pin = device.type == "cuda"
     for x, y in DataLoader(folder, batch_size, num_workers=workers, pin_memory=pin):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -57,9 +57,8 @@ class Head(nn.Module):
         return self.mlp(h.mean((2, 3)))   # (2B, C') -> (2B, 128)
 
 
-def convs(kind: str, stages: nn.ModuleList, channels: list[int], k: int) -> tuple[nn.Module, int]:
-    """The conv part of a decoder on stage k's output, and the channels it ends with."""
-    c = channels[k]
+def convs(kind: str, stages: nn.ModuleList, c: int, k: int) -> tuple[nn.Module, int]:
+    """The conv part of a decoder reading c channels of stage k, and the channels it ends with."""
     block = lambda stride: model.Bottleneck(c, max(1, c // 4), c, stride=stride)
     fresh = lambda ss: model.init_weights(copy.deepcopy(nn.Sequential(*ss)))
     parts = {"none": lambda: nn.Identity(), "block": lambda: block(2),
@@ -67,18 +66,19 @@ def convs(kind: str, stages: nn.ModuleList, channels: list[int], k: int) -> tupl
              "stage": lambda: fresh(stages[k + 1:k + 2]), "full": lambda: fresh(stages[k + 1:])}
     if kind not in parts:
         raise ValueError(f"unknown decoder {kind!r}: choose one of {', '.join(DECODERS)}")
-    above = {"stage": min(k + 1, len(stages) - 1), "full": len(stages) - 1}.get(kind, k)
-    return parts[kind](), channels[above]
+    if kind in ("stage", "full") and k + 1 < len(stages):
+        return parts[kind](), model.out_channels(stages[-1 if kind == "full" else k + 1])
+    return (nn.Identity(), c) if kind in ("stage", "full") else (parts[kind](), c)
 
 
-def make_heads(stages: nn.ModuleList, channels: list[int], units: list, stage_of: list[int],
+def make_heads(stages: nn.ModuleList, pieces: list[nn.Module], stage_of: list[int], units: list,
                kind: str = "block", mlp_layers: int = 2, soft_coef: float | None = None,
                top_kind: str | None = None) -> nn.ModuleList:
-    """One head per unit, on the output of its top piece (of stage stage_of[u.last]). A head
-    that reads the top stage gets `top_kind` if given (say "none": SimCLR's head, on the stage
-    whose receptive field needs no widening), every other head `kind`. With soft_coef, a unit
-    whose head sits below a stage that another unit starts with gets its own copy of that stage
-    first (soft sharing)."""
+    """One head per unit, on the output of its top piece (of stage stage_of[u.last]), built for
+    that piece's channels. A head that reads the top stage gets `top_kind` if given (say "none":
+    SimCLR's head, on the stage whose receptive field needs no widening), every other head `kind`.
+    With soft_coef, a unit whose head sits below a stage that another unit starts with gets its
+    own copy of that stage first (soft sharing)."""
     heads = []
     firsts = {stage_of[u.first] for u in units}
     kind_at = lambda k: top_kind if top_kind is not None and k == len(stages) - 1 else kind
@@ -87,9 +87,11 @@ def make_heads(stages: nn.ModuleList, channels: list[int], units: list, stage_of
         if soft_coef is not None and k + 1 in firsts:
             # soft sharing: instead of sharing stage k+1 with the unit above, this unit runs
             # its own copy of it, initialised identical and tied to it by the penalty
-            head = Head(*convs(kind_at(k + 1), stages, channels, k + 1), mlp_layers,
+            c = model.out_channels(stages[k + 1])
+            head = Head(*convs(kind_at(k + 1), stages, c, k + 1), mlp_layers,
                         copy.deepcopy(stages[k + 1]), k + 1, soft_coef)
         else:
-            head = Head(*convs(kind_at(k), stages, channels, k), mlp_layers)
+            c = model.out_channels(pieces[u.last])
+            head = Head(*convs(kind_at(k), stages, c, k), mlp_layers)
         heads.append(head)
     return nn.ModuleList(heads)

@@ -111,9 +111,22 @@ def coco_dataset(images_dir: str, annotations: str) -> tuple[list[torch.Tensor],
     if not path.is_file():
         raise UserError(f"{path}: no such annotation file")
     try:
+        dataset = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not JSON ({str(e)[:60]})")
+    missing = [k for k in ("images", "annotations", "categories")
+               if not isinstance(dataset, dict) or not isinstance(dataset.get(k), list)]
+    if missing:
+        raise UserError(f"{path} is not a COCO annotation file: no list of {', '.join(missing)}")
+    if not dataset["images"] or not dataset["categories"]:
+        raise UserError(f"{path} holds {len(dataset['images'])} images and "
+                        f"{len(dataset['categories'])} categories: a COCO split needs both")
+    try:
         with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(path))
-    except (ValueError, KeyError, json.JSONDecodeError) as e:
+            coco = COCO()
+            coco.dataset = dataset
+            coco.createIndex()
+    except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a COCO annotation file ({type(e).__name__}: {e})")
     cats = {c: k + 1 for k, c in enumerate(sorted(coco.getCatIds()))}
     images, targets = [], []
@@ -156,7 +169,8 @@ def coco_ground_truth(targets: list[dict], size: tuple[int, int]) -> COCO:
 # ---------------------------------------------------------------------------- evaluation
 def coco_scores(gt: COCO, detections: list[dict]) -> dict[str, float]:
     """Box and mask AP, AP50, AP75 (in %) of detections (COCO result format: image_id,
-    category_id, bbox x y w h, score, segmentation RLE). No detection at all scores 0."""
+    category_id, bbox x y w h, score, segmentation RLE). No detection at all scores 0; where
+    COCO finds nothing to score (no ground truth of that kind: its -1) the value is None."""
     out = {}
     for kind in ("bbox", "segm"):
         if not detections:
@@ -168,7 +182,7 @@ def coco_scores(gt: COCO, detections: list[dict]) -> dict[str, float]:
             evaluation = COCOeval(gt, gt.loadRes(detections), kind)
             evaluation.params.imgIds = sorted(gt.getImgIds())
             evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
-        ap, ap50, ap75 = (max(0.0, 100 * float(v)) for v in evaluation.stats[:3])
+        ap, ap50, ap75 = (100 * float(v) if v >= 0 else None for v in evaluation.stats[:3])
         out.update({f"{kind}_AP": ap, f"{kind}_AP50": ap50, f"{kind}_AP75": ap75})
     return out
 
@@ -239,6 +253,21 @@ def fine_tune(net: MaskRCNN, images: list[torch.Tensor], targets: list[dict], it
 
 
 # ---------------------------------------------------------------------------- the command
+def refuse_overwrite(path: Path, source: str) -> None:
+    """A result is named by method, scenes and split: never replace one that another checkpoint
+    wrote (running the same one again replaces its own)."""
+    if not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text())
+        theirs = before.get("checkpoint") or before.get("like")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        theirs = "a file that is not a detect.py result"
+    if theirs != source:
+        raise UserError(f"{path} holds the result of {theirs}, not {source}: give another --out",
+                        flag=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.parser(__doc__, "detect.py")
     p.add_argument("init", help="a ckpt.pt written by train.py, or 'random' (with --like)")
@@ -285,6 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
         val_gt, val_ids = coco_ground_truth(val_t, val_x.shape[-2:]), list(range(VAL))
         classes, name, size = len(shapes.SHAPES) + 1, f"{args.train_scenes}", val_x.shape[-1]
         train_x, val_x = list(train_x), list(val_x)
+    init = "random" if random_init else ckpt["config"]["method"]
+    source = cli.portable(args.like if random_init else args.init)
+    path = out / f"detect_{init}_{name}_{args.split}.json"
+    refuse_overwrite(path, source)
     net = detector(encoder, classes, size, not random_init, info.mean, info.std,
                    fpn=256 if args.coco_train else 32, small=not args.coco_train)
     iterations = args.iterations or (240 if len(train_x) >= 1000 else 120)
@@ -292,15 +325,16 @@ def main(argv: list[str] | None = None) -> dict:
     losses = fine_tune(net, train_x, train_t, iterations, args.batch, args.lr, args.seed)
     print(f"evaluating on {len(val_x)} images", flush=True)
     scores = evaluate(net, val_x, val_gt, val_ids)
-    init = "random" if random_init else ckpt["config"]["method"]
-    result = {"init": init, "checkpoint": None if random_init else str(args.init),
+    result = {"init": init, "checkpoint": None if random_init else source,
+              "like": source if random_init else None,
               "train_scenes": len(train_x), "split": args.split, "iterations": iterations,
               "minutes": round((time.time() - t) / 60, 2), "final_loss": float(np.mean(losses[-20:])),
-              **{k: round(v, 2) for k, v in scores.items()}, "args": vars(args),
+              **{k: None if v is None else round(v, 2) for k, v in scores.items()},
+              "args": {**vars(args), "out": cli.portable(args.out)},
               "provenance": runtime.provenance()}
     print(f"{init}, {len(train_x)} training scenes, split {args.split}: "
-          + " ".join(f"{k} {v:.1f}" for k, v in scores.items()))
-    cli.write_atomic(out / f"detect_{init}_{name}_{args.split}.json", json.dumps(result, indent=2))
+          + " ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in scores.items()))
+    cli.write_atomic(path, json.dumps(result, indent=2))
     return result
 
 

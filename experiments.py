@@ -151,13 +151,13 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
     env = dict(os.environ)
     if jobs > 1:                         # two busy jobs with two threads each wait on each other
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    mutex, running, state = threading.Lock(), set(), {"error": None, "late": False}
+    mutex, running, ran, state = threading.Lock(), set(), set(), {"error": None, "late": False}
 
     def pick() -> Step | None:
         """The next step this process may start, or None; state['late'] once time is short."""
         with mutex:
             for s in todo:
-                if s.name in running or state["error"] or finished(s):
+                if s.name in running or s.name in ran or state["error"] or finished(s):
                     continue
                 if any(t in todo and not finished(t) for t in needs(plan, s)):
                     continue             # its run is still training (here or elsewhere)
@@ -167,6 +167,7 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
                     return None
                 if claim(s):
                     running.add(s.name)
+                    ran.add(s.name)          # once per sitting, whatever it leaves
                     return s
             return None
 
@@ -180,6 +181,8 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
                 continue
             try:
                 run_step(s, deadline, log, env)
+                if not s.train_epochs and not finished(s):
+                    raise cli.UserError(f"step '{s.name}' ended without writing {s.done}")
             except cli.UserError as e:
                 state["error"] = e
             finally:
@@ -528,8 +531,12 @@ def read_json(path: Path) -> dict:
                             f"again to write it anew")
 
 
-def cell(values: list[float]) -> str:
-    """Mean ± sample standard deviation over seeds (one seed: the value)."""
+def cell(values: list[float | None]) -> str:
+    """Mean ± sample standard deviation over seeds (one seed: the value); None (nothing to
+    score) is left out and said."""
+    if values and all(v is None for v in values):
+        return "n/a"
+    values = [v for v in values if v is not None]
     if not values:
         return "not run"
     if len(values) == 1:

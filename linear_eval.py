@@ -46,6 +46,10 @@ import runtime
 from cli import UserError
 
 
+MIN_IMAGES = 20
+KNN_K = 200
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.parser(__doc__, "linear_eval.py")
     p.add_argument("ckpt", help="a ckpt.pt written by train.py")
@@ -61,7 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "linear_eval_<protocol>[_random].json")
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if 0 < args.subset < MIN_IMAGES:
+        p.error(f"--subset {args.subset}: the fast probe holds out a tenth of the training "
+                f"images to choose its L2 penalty; give at least {MIN_IMAGES} (or 0: all)")
+    return args
 
 
 @torch.no_grad()
@@ -155,7 +163,7 @@ def paper_protocol(encoder, train_x, train_y, test_f, test_y, info, classes: int
 
 
 @torch.no_grad()
-def knn_accuracy(train_f, train_y, test_f, test_y, classes: int, k: int = 200,
+def knn_accuracy(train_f, train_y, test_f, test_y, classes: int, k: int = KNN_K,
                  t: float = 0.1) -> float:
     """Weighted kNN: the k most cosine-similar training images vote with weight exp(sim / t)."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
@@ -175,10 +183,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"linear_eval_{args.protocol}{'_random' if args.random_init else ''}.json"), "--out")
     encoder, ckpt = recipe.load_encoder(args.ckpt, rt.device, args.random_init)
     cfg = ckpt["config"]
+    if args.protocol == "paper" and not data.DATASETS[cfg["dataset"]].in_memory:
+        raise UserError("--protocol paper augments images in memory: use it with cifar10, "
+                        "cifar100, stl10 or synthetic, or --protocol fast", flag=True)
     encoder.to(memory_format=rt.memory_format)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     name, info = cfg["dataset"], data.DATASETS[cfg["dataset"]]
-    data_dir = args.data_dir or cfg["data_dir"]
+    data_dir = args.data_dir or cli.resolve(cfg["data_dir"])
+    kept = []                             # the paper protocol's training images, read once
 
     def batches(split):                   # (images, labels), the first --subset only if given
         seen = 0
@@ -187,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
                 x, y = x[:args.subset - seen], y[:args.subset - seen]
             if len(x) == 0:
                 return
+            if split == "train" and args.protocol == "paper":
+                kept.append(x)
             yield x, y
             seen += len(x)
 
@@ -194,34 +208,35 @@ def main(argv: list[str] | None = None) -> dict:
         train_f, train_y = stage_features(encoder, batches("train"), info, rt)
         test_f, test_y = stage_features(encoder, batches("test"), info, rt)
     classes = info.num_classes
+    if len(train_y) < MIN_IMAGES or len(test_y) == 0:
+        raise UserError(f"{data_dir}: {len(train_y)} training and {len(test_y)} test images of "
+                        f"{name}; the probe needs at least {MIN_IMAGES} and 1")
     if args.protocol == "fast":
         rows = fast_protocol(train_f, train_y, test_f, test_y, classes, cfg["seed"])
     else:
-        if not info.in_memory:
-            raise UserError("--protocol paper augments images in memory: use it with cifar10, "
-                            "cifar100, stl10 or synthetic, or --protocol fast", flag=True)
-        train_x = data.load_images(name, data_dir, "train")[0][:len(train_y)].to(rt.device)
+        train_x = torch.cat(kept)
         rows = paper_protocol(encoder, train_x, train_y, test_f, test_y, info, classes,
                               args.epochs, args.batch_size, args.lr, cfg["seed"], rt)
-    knn = knn_accuracy(train_f[-1], train_y, test_f[-1], test_y, classes)
+    k = min(KNN_K, len(train_y))         # a --subset smaller than k: every image votes
+    knn = knn_accuracy(train_f[-1], train_y, test_f[-1], test_y, classes, k)
 
     changed = [k for k, v in encoder.state_dict().items() if not torch.equal(v, before[k])]
     if changed:
         raise RuntimeError(f"the frozen encoder changed during evaluation: {changed[:5]}")
 
-    result = {"checkpoint": str(args.ckpt), "method": cfg["method"], "arch": cfg["arch"],
+    result = {"checkpoint": cli.portable(args.ckpt), "method": cfg["method"], "arch": cfg["arch"],
               "dataset": name, "protocol": args.protocol, "random_init": args.random_init,
               "epoch": ckpt["epoch"], "train_images": len(train_y), "test_images": len(test_y),
               "stages": [{"stage": k + 1, "channels": c, **r}
                          for k, (c, r) in enumerate(zip(encoder.channels, rows))],
-              "knn_top1": knn, "config": cfg, "provenance": runtime.provenance(rt),
+              "knn_top1": knn, "knn_k": k, "config": cfg, "provenance": runtime.provenance(rt),
               "checkpoint_provenance": ckpt.get("provenance")}
     print(f"{cfg['method']} {cfg['arch']} on {name}, {args.protocol} protocol"
           f"{' (random init)' if args.random_init else ''}")
     print("stage  channels  linear top-1")
     for r in result["stages"]:
         print(f"{r['stage']:>5}  {r['channels']:>8}  {r['top1']:>11.2f}")
-    print(f"kNN (k=200, final stage): {knn:.2f}")
+    print(f"kNN (k={k}, final stage): {knn:.2f}")
     cli.write_atomic(out, json.dumps(result, indent=2))
     return result
 

@@ -38,7 +38,7 @@ class Gather(torch.autograd.Function):
     def forward(ctx, z: torch.Tensor) -> torch.Tensor:
         rank, size = world()
         out = z.new_empty((size * z.shape[0], *z.shape[1:]))
-        dist.all_gather_into_tensor(out, z.contiguous())
+        dist.all_gather_single(out, z.contiguous())
         ctx.rows = slice(rank * z.shape[0], (rank + 1) * z.shape[0])
         return out                          # (size * n, D), process r's rows at r*n..(r+1)*n-1
 

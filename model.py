@@ -25,8 +25,30 @@ import torch.nn.functional as F
 
 
 def scaled(channels: int, width: float, multiple: int = 1) -> int:
-    """`channels * width`, rounded to a positive multiple of `multiple` (grouped convs need it)."""
-    return max(multiple, int(round(channels * width / multiple)) * multiple)
+    """`channels * width`, rounded to a multiple of `multiple` (grouped convs need it). A width
+    that leaves a layer no channel is refused: rounding it up would quietly build another net."""
+    n = int(round(channels * width / multiple))
+    if n < 1 and channels > 0:            # (0: a width the spec leaves unused, basic blocks)
+        raise ValueError(f"width {width:g} leaves a layer of {channels} channels (in groups of "
+                         f"{multiple}) with none; it needs a width above "
+                         f"{0.5 * multiple / channels:.3g}")
+    return n * multiple
+
+
+def out_channels(module: nn.Module) -> int:
+    """The output channels of a stage, of a run of its blocks (a piece, local_units.py), or of
+    one layer: read off its last block or layer that sets them."""
+    layers = list(module.children()) if isinstance(module, nn.Sequential) else [module]
+    for m in reversed(layers):
+        if isinstance(m, (BasicBlock, Bottleneck, ShuffleBlock)):
+            return m.c_out
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return m.num_features
+        if isinstance(m, nn.Conv2d):
+            return m.out_channels
+        if isinstance(m, nn.Sequential) and len(m):
+            return out_channels(m)
+    raise ValueError(f"no layer in {type(module).__name__} sets its output channels")
 
 
 def conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1,
@@ -46,6 +68,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1, resize: nn.Module | None = None):
         super().__init__()
+        self.c_out = c_out
         down = [] if resize is None else [resize]
         self.body = nn.Sequential(*down, conv_bn(c_in, c_out, 3, stride),
                                   conv_bn(c_out, c_out, 3, relu=False))
@@ -67,6 +90,7 @@ class Bottleneck(nn.Module):
     def __init__(self, c_in: int, mid: int, c_out: int, stride: int = 1, groups: int = 1,
                  out_groups: int = 1, resize: nn.Module | None = None):
         super().__init__()
+        self.c_out = c_out
         down = [] if resize is None else [resize]
         self.body = nn.Sequential(conv_bn(c_in, mid, 1, groups=groups), *down,
                                   conv_bn(mid, mid, 3, stride, groups=groups),
@@ -227,7 +251,7 @@ class ShuffleBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
-        half = c_out // 2
+        self.c_out, half = c_out, c_out // 2
         self.split = stride == 1 and c_in == c_out
         c_right = half if self.split else c_in
         self.left = (nn.Identity() if self.split else

@@ -94,23 +94,64 @@ class Run:
         return losses
 
 
+# LARS moves a weight tensor by lr x eta (1e-3) of its norm per step, momentum 0.9 multiplies
+# that by up to 10: at lr 100 a step can move every weight by its own norm. The paper's is 4.8.
+MAX_LR = 100.0
+SOFT_COEF = 1e-3                         # soft sharing's default penalty (Table 5's best, 1e-3)
+
+
+def base_lr(cfg: dict) -> float:
+    """--lr, or the paper's rule: 0.3 x batch / 256 (4.8 at batch 4096)."""
+    return cfg["lr"] if cfg.get("lr") is not None else 0.3 * cfg.get("batch_size", 256) / 256
+
+
+def check(cfg: dict) -> None:
+    """Refuse, before any work, a configuration whose flags contradict each other or do nothing:
+    every combination that train.py's -h offers either runs or is refused here with one line."""
+    method, sharing, decoder = cfg["method"], cfg.get("sharing", "stage"), cfg.get("decoder")
+
+    def refuse(message: str):
+        raise UserError(message, flag=True)
+
+    if method != "loco" and sharing != "stage":
+        refuse(f"--sharing {sharing}: sharing strategies are LoCo's (Table 5); use --method "
+               f"loco, or leave --sharing out")
+    if cfg.get("soft_coef") is not None and sharing != "soft":
+        refuse(f"--soft-coef sets soft sharing's penalty: add --sharing soft, or leave it out")
+    if method != "loco" and not cfg.get("top_unit", True):
+        refuse(f"--no-top-unit removes LoCo's unit of the top stage alone; {method} has no such "
+               f"unit: leave it out")
+    if method == "simclr" and cfg.get("top_decoder"):
+        refuse("--top-decoder: SimCLR's one head is on the top stage; choose its decoder with "
+               "--decoder")
+    if decoder in ("stage", "full") and method == "simclr":
+        refuse(f"--decoder {decoder} copies the stages above a head's stage; SimCLR's head is on "
+               f"the top stage, with nothing above: use none, block, block-nods or 2blocks")
+    if decoder in ("stage", "full") and sharing in ("1block", "2blocks"):
+        refuse(f"--decoder {decoder} copies whole stages above a head's stage; under --sharing "
+               f"{sharing} a unit ends inside a stage: use block, block-nods or 2blocks")
+    lr = base_lr(cfg)
+    if lr > MAX_LR:
+        refuse(f"--lr {lr:g} (peak): above {MAX_LR:g}, LARS moves weights by more than their own norm "
+               f"per step and training cannot converge (the paper's is 4.8 at batch 4096)")
+
+
 def build(cfg: dict, rt: Runtime, lr: float = 0.0) -> Run:
     """Encoder, decoders, units and LARS of a configuration (train.py's flags as a dict), on rt's
     device in rt's dtype and memory format. The caller seeds torch first: same seed, same weights."""
+    check(cfg)
     method, sharing = cfg["method"], cfg.get("sharing", "stage")
-    if method != "loco" and sharing != "stage":
-        raise UserError(f"--sharing {sharing}: sharing strategies are LoCo's (Table 5); "
-                        f"use --method loco, or leave --sharing out", flag=True)
-    if method == "simclr" and cfg.get("top_decoder"):
-        raise UserError("--top-decoder: SimCLR's one head is on the top stage; choose its "
-                        "decoder with --decoder", flag=True)
-    encoder = model.build_encoder(cfg["arch"], cfg["width"], data.DATASETS[cfg["dataset"]].stem)
+    try:
+        encoder = model.build_encoder(cfg["arch"], cfg["width"],
+                                      data.DATASETS[cfg["dataset"]].stem)
+    except ValueError as e:              # a width that leaves a layer no channel
+        raise UserError(f"--width {cfg['width']:g}: {e}", flag=True) from None
     pieces, stage_of = L.make_pieces(encoder.stages, sharing)
     units = L.make_units(method, stage_of, cfg.get("top_unit", True), sharing)
     decoder = cfg.get("decoder") or ("none" if method == "simclr" else "block")
-    heads = decoders.make_heads(encoder.stages, encoder.channels, units, stage_of, decoder,
+    heads = decoders.make_heads(encoder.stages, pieces, stage_of, units, decoder,
                                 cfg.get("mlp_layers", 2),
-                                cfg.get("soft_coef", 1e-3) if sharing == "soft" else None,
+                                (cfg.get("soft_coef") or SOFT_COEF) if sharing == "soft" else None,
                                 cfg.get("top_decoder"))
     for m in (encoder, heads):
         if cfg.get("sync_bn") and rt.world > 1:
@@ -121,6 +162,26 @@ def build(cfg: dict, rt: Runtime, lr: float = 0.0) -> Run:
     optimizer = lars([*encoder.parameters(), *heads.parameters()], lr,
                      cfg.get("weight_decay", 1e-6))
     return Run(encoder, heads, units, optimizer, pieces, stage_of)
+
+
+# No trained network's tensor reaches this magnitude: the largest in our CIFAR-10 runs (a
+# BatchNorm running variance) is about 40 (README, What can go wrong). A weight of 1e37 is finite
+# and still a blown-up run, and a few more steps overflow float32.
+WEIGHT_LIMIT = 1e6
+
+
+def bad_tensor(state: dict) -> str | None:
+    """The first tensor of a state dict that is NaN, infinite or beyond WEIGHT_LIMIT, named and
+    said why; None if all are sound."""
+    for name, t in state.items():
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+            if not torch.isfinite(t).all():
+                return f"{name} holds NaN or infinite values"
+            biggest = t.abs().max().item()
+            if biggest > WEIGHT_LIMIT:
+                return (f"{name} holds {biggest:.3g}, beyond {WEIGHT_LIMIT:g} (no trained "
+                        f"network's weights reach it)")
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -136,6 +197,11 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or not {"config", "encoder", "heads", "epoch"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint written by train.py "
                         f"(it needs 'config', 'encoder', 'heads' and 'epoch')")
+    for part in ("encoder", "heads"):
+        bad = bad_tensor(ckpt[part])
+        if bad:
+            raise UserError(f"{path}: {part}.{bad}; this checkpoint cannot be used (the run "
+                            f"that wrote it had diverged)")
     return ckpt
 
 

@@ -158,17 +158,24 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-        n = x.numel() // x.shape[1] * dist.get_world_size()
-        mean = AllReduce.apply(x.sum(dims)) / n                    # (C,), over all processes
-        # Two passes: E[x^2] - E[x]^2 in float32 loses enough digits to move gradients by 1e-2.
-        var = AllReduce.apply((x - mean.view(shape)).pow(2).sum(dims)) / n
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-            self.num_batches_tracked += 1
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return x * scale.view(shape) + (self.bias - mean * scale).view(shape)
+        # Statistics in float32 (float64 when checking exactness) whatever the autocast: a bf16
+        # sum over a global batch keeps three digits, and the running averages are float32.
+        # The output returns in the input's dtype, as BatchNorm's own kernel does under autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            h = x.to(torch.promote_types(x.dtype, self.weight.dtype))
+            dims, shape = [0, *range(2, h.dim())], [1, -1] + [1] * (h.dim() - 2)
+            n = h.numel() // h.shape[1] * dist.get_world_size()
+            mean = AllReduce.apply(h.sum(dims)) / n                    # (C,), over all processes
+            # Two passes: E[x^2] - E[x]^2 in float32 loses enough digits to move gradients by 1e-2.
+            var = AllReduce.apply((h - mean.view(shape)).pow(2).sum(dims)) / n
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype),
+                                       self.momentum)
+                self.num_batches_tracked += 1
+            scale = self.weight * torch.rsqrt(var + self.eps)
+            y = h * scale.view(shape) + (self.bias - mean * scale).view(shape)
+        return y.to(x.dtype)
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
@@ -223,6 +230,13 @@ def provenance(rt: "Runtime | None" = None) -> dict:
     if rt is not None:
         out.update(device=device_name(rt.device), runtime=str(rt))
     return out
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether an error raised in a collective means another process of the run has gone: gloo
+    reports "Connection closed/reset by peer" as a RuntimeError, NCCL raises DistError. The
+    process that failed prints its own line; the others stop with this one."""
+    return isinstance(e, dist.DistError) or "gloo" in str(e) or "by peer" in str(e)
 
 
 def shutdown() -> None:

@@ -2,16 +2,20 @@
 GPU plan's smoke mode runs every one of its steps on the CPU, so that a lent GPU's first run is
 not the first run of this code."""
 
+import os
+
+import pytest
+
 import experiments
 from conftest import write_fake_cifar10
 
 
-def touch_steps(tmp_path, n: int, seconds: float = 0.0) -> experiments.Plan:
-    """n steps that each sleep, then write their file."""
+def touch_steps(tmp_path, n: int, seconds: float = 0.0, suffix: str = ".txt") -> experiments.Plan:
+    """n steps that each sleep, then write their file (holding "{}", valid JSON)."""
     plan = experiments.Plan()
     for i in range(n):
-        done = tmp_path / f"step{i}.txt"
-        code = f"import time; time.sleep({seconds}); open({str(done)!r}, 'w').write('x')"
+        done = tmp_path / f"step{i}{suffix}"
+        code = f"import time; time.sleep({seconds}); open({str(done)!r}, 'w').write('{{}}')"
         plan.other(f"step {i}", ["-c", code], done, seconds / 60)
     return plan
 
@@ -67,3 +71,48 @@ def test_a_run_whose_evaluation_is_kept_is_not_trained_again(tmp_path):
     assert experiments.execute(plan, None, tmp_path / "log.txt")
     (run / "linear_eval_fast.json").unlink()             # its evaluation missing: train it
     assert [s.name for s in experiments.to_do(plan)] == ["train loco_seed0", "evaluate loco_seed0"]
+
+
+def test_two_jobs_run_steps_side_by_side_and_a_reader_waits_for_its_run(tmp_path):
+    """Two 'training' steps start together on two jobs; the step that reads the first run
+    starts only once that run's checkpoint is complete."""
+    plan = experiments.Plan()
+    for name in ("a", "b"):
+        run = tmp_path / name
+        code = (f"import time, torch, pathlib; time.sleep(2); pathlib.Path({str(run)!r}).mkdir("
+                f"exist_ok=True); torch.save({{'epoch': 0}}, {str(run / 'ckpt.pt')!r})")
+        plan.steps.append(experiments.Step(f"train {name}", ["-c", code, str(run / "x")],
+                                           run / "ckpt.pt", 0.03, train_epochs=1))
+    reader = tmp_path / "read.txt"
+    check = (f"import pathlib; assert pathlib.Path({str(tmp_path / 'a' / 'ckpt.pt')!r}).exists(); "
+             f"pathlib.Path({str(reader)!r}).write_text('ok')")
+    plan.other("read a", ["-c", check, str(tmp_path / "a" / "ckpt.pt")], reader, 0.01)
+    assert experiments.execute(plan, None, tmp_path / "log.txt", jobs=2)
+    log = (tmp_path / "log.txt").read_text()
+    starts = [line for line in log.splitlines() if " start train " in line]
+    first_exit = min(log.index(f"] exit 0 after"), log.index("start read a"))
+    assert len(starts) == 2 and log.index(starts[1]) < first_exit   # both ran before either ended
+    assert reader.read_text() == "ok"
+    assert [p.name for p in tmp_path.rglob(".*.lock")] == [".minutes.lock"]  # claims released
+
+
+def test_a_corrupt_result_is_done_again_and_a_step_claimed_elsewhere_is_left_alone(tmp_path,
+                                                                                capsys):
+    plan = touch_steps(tmp_path, 2, suffix=".json")
+    (tmp_path / "step0.json").write_text('{"top1": ')       # a JSON result, torn
+    lock = tmp_path / ".step1.json.lock"                    # another sitting runs step 1
+    lock.write_text(str(os.getppid()))
+    assert not experiments.execute(plan, None, tmp_path / "log.txt")
+    out = capsys.readouterr().out
+    assert "step0.json is corrupt" in out and "still running in another sitting: step 1" in out
+    assert (tmp_path / "step0.json").read_text() == "{}" and not (tmp_path / "step1.json").exists()
+    lock.write_text("999999999")                           # its process is gone: taken over
+    assert experiments.execute(plan, None, tmp_path / "log.txt")
+    assert (tmp_path / "step1.json").exists()
+
+
+def test_a_step_that_ends_without_its_result_stops_the_plan_instead_of_running_again(tmp_path):
+    plan = experiments.Plan()
+    plan.other("forgetful step", ["-c", "pass"], tmp_path / "never.json", 0.01)
+    with pytest.raises(experiments.cli.UserError, match="ended without writing .*never.json"):
+        experiments.execute(plan, None, tmp_path / "log.txt")

@@ -6,13 +6,17 @@ import math
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import data
+import decoders
 import local_units
 import recipe
 import runtime
@@ -173,3 +177,116 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     with pytest.raises(UserError, match="NaN.*last good"):
         train.main([*args, "--epochs", "2", "--resume"])
     assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+# Every combination that -h offers runs at least one step -------------------------------------------
+
+ARCHS = {"resnet18": ("cifar10", 32), "resnet50": ("imagefolder", 64),
+         "presnet50": ("imagefolder", 64), "shufflenet_v2_50": ("imagefolder", 64)}
+
+
+def configurations():
+    """Every --sharing, every --decoder (on GIM, whose every head has one), and the rest."""
+    yield from ({"method": "loco", "sharing": s} for s in local_units.SHARING)
+    yield from ({"method": "gim", "decoder": d} for d in decoders.DECODERS)
+    yield from ({"method": "simclr", "decoder": d} for d in ("block", "2blocks"))
+    yield {"method": "loco", "top_decoder": "none", "top_unit": False, "mlp_layers": 4}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_sharing_and_decoder_trains_a_step_on_every_arch(arch):
+    """One step (forward, local backward, LARS) of each configuration, in float32 and, for LoCo,
+    under bf16 autocast with channels_last (what the device rule picks on a CPU with bf16)."""
+    dataset, size = ARCHS[arch]
+    x1, x2 = torch.randn(2, 4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    fp32 = runtime.Runtime(torch.device("cpu"), False, torch.float32, False)
+    bf16 = runtime.Runtime(torch.device("cpu"), True, torch.float32, True)
+    for cfg, rt in [(c, fp32) for c in configurations()] + [({"method": "loco"}, bf16)]:
+        torch.manual_seed(0)
+        run = recipe.build({"arch": arch, "width": 0.125, "dataset": dataset, **cfg}, rt, 0.1)
+        with rt.autocast():
+            losses = local_units.train_step(run.pieces, run.heads, run.units, rt.prepare(x1),
+                                            rt.prepare(x2), 0.5)
+        run.optimizer.step()
+        assert len(losses) == len(run.units) and torch.isfinite(torch.stack(losses)).all(), cfg
+        assert recipe.bad_tensor(run.encoder.state_dict()) is None, cfg
+
+
+def torchrun_matrix(rank: int, world: int, ports: list[int], runs: list[list[str]]) -> None:
+    """One process of a two-process job, as torchrun would start it, running every argv."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    for port, argv in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)
+        train.main(argv)
+
+
+def test_two_processes_train_in_every_precision_with_and_without_global_batchnorm(tmp_path):
+    """The precisions the device rule can pick (pinned: auto differs by machine) x global
+    BatchNorm on and off, each one step on two processes (gloo). bf16 with global BatchNorm
+    once crashed at the first step: its statistics are now float32 whatever the autocast."""
+    runs = [[*TINY, "--subset", "64", "--epochs", "1", "--precision", p, sync,
+             "--out", str(tmp_path / f"{p}{sync}")]
+            for p in ("bf16", "fp32", "auto") for sync in ("--sync-bn", "--no-sync-bn")]
+    mp.spawn(torchrun_matrix, args=(2, [free_port() for _ in runs], runs), nprocs=2)
+    for argv in runs:
+        ckpt = state(Path(argv[-1]))
+        assert ckpt["epoch"] == 0 and recipe.bad_tensor(ckpt["encoder"]) is None
+        assert torch.isfinite(log_losses(Path(argv[-1]))).all()
+
+
+def test_global_batchnorm_under_bf16_autocast_matches_batchnorm_in_float32_statistics():
+    """One process in a process group of one: GlobalBatchNorm must give what BatchNorm gives,
+    in the input's dtype, with running statistics accumulated in float32."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        conv, bn = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
+        glob = runtime.sync_batchnorm(torch.nn.Sequential(copy.deepcopy(bn)), torch.device("cpu"))
+        x = torch.randn(16, 3, 12, 12) * 3 + 1
+        with torch.autocast("cpu", torch.bfloat16):
+            h = conv(x)
+            y, z = bn(h), glob(h)
+        assert h.dtype == y.dtype == z.dtype == torch.bfloat16
+        torch.testing.assert_close(z.float(), y.float(), rtol=0.02, atol=0.02)
+        for a, b in (("running_mean", "running_mean"), ("running_var", "running_var")):
+            assert getattr(glob[0], a).dtype == torch.float32
+            torch.testing.assert_close(getattr(glob[0], a), getattr(bn, b), rtol=1e-3, atol=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
+FAILING_RANK = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import cli, train
+if os.environ["RANK"] == "1":                # a user error that only this process meets
+    add, calls = train.Log.add, []
+    def failing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise cli.UserError("rank 1 met a bad file")
+        return add(self, *a, **k)
+    train.Log.add = failing
+cli.run(train.main, "train.py")
+"""
+
+
+def test_a_process_that_fails_ends_the_whole_job_at_once_with_one_line_each(tmp_path):
+    """Rank 1 stops at its second step; rank 0, in the next collective, must not wait for gloo's
+    30-minute timeout: it says that another process stopped, and both exit."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK.format(repo=str(Path(__file__).parent)))
+    t = time.time()
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master-port", str(free_port()), str(script), *TINY, "--epochs", "2",
+                          "--out", str(tmp_path / "run")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert job.returncode != 0 and time.time() - t < 120
+    assert "train.py: error: rank 1 met a bad file" in job.stderr
+    assert "train.py: error: rank 0: another process of this run stopped" in job.stderr
+    assert "No checkpoint was written yet" in job.stderr
+    assert "[rank0]: Traceback" not in job.stderr and "[rank1]: Traceback" not in job.stderr

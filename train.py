@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--mlp-layers", type=int, default=2, choices=[2, 4], help="decoder MLP depth")
     what.add_argument("--sharing", default="stage", choices=L.SHARING,
                       help="how LoCo's units share the stage between them (Table 5)")
-    what.add_argument("--soft-coef", type=pos(float), default=1e-3,
-                      help="--sharing soft: L2 penalty coefficient")
+    what.add_argument("--soft-coef", type=pos(float), default=None,
+                      help=f"--sharing soft: L2 penalty coefficient; default {recipe.SOFT_COEF:g}")
     what.add_argument("--top-unit", action=argparse.BooleanOptionalAction, default=True,
                       help="LoCo: a unit of the top stage alone (without: the paper's Fig. 1, "
                            "the top stage learns from one loss)")
@@ -101,9 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--time-limit", type=pos(float), default=None,
                    help="minutes: stop after the epoch in which they run out (continue with --resume)")
     args = p.parse_args(argv)
-    if args.method != "loco" and args.sharing != "stage":
-        p.error(f"--sharing {args.sharing} is a way for LoCo's units to share (Table 5): use it "
-                f"with --method loco (GIM is the 'no sharing' row)")
+    recipe.check(vars(args))             # flags that contradict each other, before any work
     args.out = args.out or f"runs/{args.method}"
     return args
 
@@ -113,7 +111,6 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Processes and device: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them, one process.
     data.local_batch(args.batch_size, runtime.torchrun_env()[1])  # refuses a batch that won't split
-    rt = runtime.setup(args.device, args.precision, args.memory_format, distributed=True)
     out = cli.check_writable(args.out, "--out", is_dir=True)
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists() and not args.resume:
@@ -122,15 +119,35 @@ def main(argv: list[str] | None = None) -> Path:
     if args.resume and not ckpt_path.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt_path} (leave --resume out to start)",
                         flag=True)
+    rt = runtime.setup(args.device, args.precision, args.memory_format, distributed=True)
+    try:
+        train(args, rt, out, ckpt_path)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(saved(ckpt_path)) from None
+    except RuntimeError as e:            # a process of this run died: gloo/NCCL say so here
+        if rt.world > 1 and runtime.peer_lost(e):
+            raise UserError(f"rank {rt.rank}: another process of this run stopped (its own "
+                            f"message says why), so this one stops too. {saved(ckpt_path)}")
+        raise
+    finally:
+        runtime.shutdown()
+    return out
+
+
+def train(args: argparse.Namespace, rt: runtime.Runtime, out: Path, ckpt_path: Path) -> None:
+    """The run: data, model and optimizer, resume, then the loop with a checkpoint every epoch."""
     torch.manual_seed(args.seed)
 
     # Data: every process gets its slice of the same global batch (data.py).
-    loader = data.pretrain_loader(args.dataset, args.data_dir, args.batch_size, args.seed,
-                                  rt.device, rt.rank, rt.world, args.workers, subset=args.subset)
+    try:
+        loader = data.pretrain_loader(args.dataset, args.data_dir, args.batch_size, args.seed,
+                                      rt.device, rt.rank, rt.world, args.workers, subset=args.subset)
+    except data.MissingData as e:
+        raise data.MissingData(f"{e}, or train without data: --dataset synthetic") from None
     tau = args.tau if args.tau is not None else data.DATASETS[args.dataset].tau
 
     # Model, decoders, units and LARS (recipe.py); the units decide which stages each loss trains.
-    base_lr = args.lr if args.lr is not None else 0.3 * args.batch_size / 256
+    base_lr = recipe.base_lr(vars(args))
     run = recipe.build(vars(args), rt, base_lr)
     names = unit_names(run)
     steps_per_epoch = len(loader)
@@ -141,36 +158,37 @@ def main(argv: list[str] | None = None) -> Path:
     log = Log(out / "log.csv", names, start_epoch * steps_per_epoch, args.batch_size, rt,
               ckpt_path)
     if rt.rank == 0:
-        cli.write_atomic(out / "config.json", json.dumps(vars(args), indent=2))
+        cli.write_atomic(out / "config.json", json.dumps(recorded(args), indent=2))
         print(f"{args.method} | {args.arch} x{args.width} | {args.dataset} | {rt} | batch "
               f"{args.batch_size} | {steps_per_epoch} steps/epoch | units {names}", flush=True)
 
-    # The loop: one step is recipe.Run.step (local_units.train_step, then LARS).
+    # The loop. One step: the method's forward and local backward of every unit
+    # (local_units.train_step), the gradients averaged over processes, one LARS update.
     deadline = time.time() + 60 * args.time_limit if args.time_limit else math.inf
     step = start_epoch * steps_per_epoch
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            run.encoder.train(), run.heads.train()
-            for x1, x2 in loader.epoch(epoch):
-                lr = recipe.lr_at(step, base_lr, warmup_steps, total_steps)
-                for group in run.optimizer.param_groups:
-                    group["lr"] = lr
-                losses = run.step(x1, x2, tau, rt)
-                step += 1
-                log.add(epoch, step, lr, losses, total_steps,
-                        last=step % args.log_every == 0 or step == (epoch + 1) * steps_per_epoch)
-            check_weights(run, epoch, ckpt_path)
-            if rt.rank == 0:
-                save_checkpoint(run, epoch, step, args, rt, ckpt_path)
-            if time.time() > deadline and epoch + 1 < args.epochs:
-                print(f"--time-limit: stopped after epoch {epoch + 1} of {args.epochs}; "
-                      f"continue with the same command and --resume", flush=True)
-                break
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(saved(ckpt_path)) from None
-    finally:
-        runtime.shutdown()
-    return out
+    for epoch in range(start_epoch, args.epochs):
+        run.encoder.train(), run.heads.train()
+        for x1, x2 in loader.epoch(epoch):
+            lr = recipe.lr_at(step, base_lr, warmup_steps, total_steps)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            with rt.autocast():
+                losses = L.train_step(run.pieces, run.heads, run.units, rt.prepare(x1),
+                                      rt.prepare(x2), tau)
+            if rt.world > 1:                 # data parallel: one all-reduce of every gradient
+                runtime.average_gradients(run.params, rt.world)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log.add(epoch, step, lr, losses, total_steps,
+                    last=step % args.log_every == 0 or step == (epoch + 1) * steps_per_epoch)
+        check_weights(run, epoch, ckpt_path)
+        if rt.rank == 0:
+            save_checkpoint(run, epoch, step, args, rt, ckpt_path)
+        if time.time() > deadline and epoch + 1 < args.epochs:
+            print(f"--time-limit: stopped after epoch {epoch + 1} of {args.epochs}; "
+                  f"continue with the same command and --resume", flush=True)
+            break
 
 
 def unit_names(run: recipe.Run) -> list[str]:
@@ -187,7 +205,9 @@ def unit_names(run: recipe.Run) -> list[str]:
 def resume(args: argparse.Namespace, run: recipe.Run, ckpt_path: Path) -> int:
     """Load the run's checkpoint; refuse one of another configuration. Returns the next epoch."""
     ckpt = recipe.load_checkpoint(ckpt_path)
-    before = ckpt["config"]
+    before = dict(ckpt["config"])
+    if before.get("sharing") != "soft":  # runs of before soft_coef's default became None
+        before["soft_coef"] = None
     diff = {k: (before.get(k), v) for k, v in vars(args).items()
             if k not in RESUMABLE and before.get(k) != v}
     if diff:
@@ -265,24 +285,35 @@ def saved(ckpt_path: Path) -> str:
 
 
 def check_weights(run: recipe.Run, epoch: int, ckpt_path: Path) -> None:
-    """Never save blown-up weights as the last good epoch: an update can make them infinite while
-    the loss computed before it is still finite."""
-    bad = [n for n, p in [*run.encoder.named_parameters(), *run.heads.named_parameters()]
-           if not torch.isfinite(p).all()]
-    if bad:
-        raise UserError(f"weights became NaN or infinite in epoch {epoch} ({bad[0]}"
-                        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}). "
-                        f"{saved(ckpt_path)} Try a lower --lr.")
+    """Never save blown-up weights as the last good epoch: an update can make them infinite, or
+    huge, while the loss computed before it is still finite."""
+    for part, module in (("encoder", run.encoder), ("heads", run.heads)):
+        bad = recipe.bad_tensor(module.state_dict())
+        if bad:
+            raise UserError(f"weights went wrong in epoch {epoch}: {part}.{bad}. "
+                            f"{saved(ckpt_path)} Try a lower --lr.")
+
+
+def recorded(args: argparse.Namespace) -> dict:
+    """The configuration as saved: paths inside the repository relative to it, so that a
+    committed result names no machine's folders."""
+    return {**vars(args), "data_dir": cli.portable(args.data_dir), "out": cli.portable(args.out)}
 
 
 def save_checkpoint(run: recipe.Run, epoch: int, step: int, args: argparse.Namespace,
                     rt: runtime.Runtime, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash mid-write leaves the old file."""
+    """Write to a temporary file beside `path`, then rename: a crash mid-write (a full disk)
+    leaves the old file, and says so."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"encoder": run.encoder.state_dict(), "heads": run.heads.state_dict(),
-                "optimizer": run.optimizer.state_dict(), "epoch": epoch, "step": step,
-                "config": vars(args), "units": [[u.first, u.last] for u in run.units],
-                "stage_of": run.stage_of, "provenance": runtime.provenance(rt)}, tmp)
+    try:
+        torch.save({"encoder": run.encoder.state_dict(), "heads": run.heads.state_dict(),
+                    "optimizer": run.optimizer.state_dict(), "epoch": epoch, "step": step,
+                    "config": recorded(args), "units": [[u.first, u.last] for u in run.units],
+                    "stage_of": run.stage_of, "provenance": runtime.provenance(rt)}, tmp)
+    except (RuntimeError, OSError) as e:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: writing epoch {epoch} failed (disk full?): "
+                        f"{str(e).splitlines()[0][:80]}. {saved(path)}") from None
     os.replace(tmp, path)
 
 

@@ -47,9 +47,15 @@ def main(argv: list[str] | None = None) -> plt.Figure:
     for ax, path in zip(axes[0], args.ckpts):
         encoder, ckpt = recipe.load_encoder(path, rt.device)
         cfg = ckpt["config"]
-        x, y = first_per_class(cfg["dataset"], args.data_dir or cfg["data_dir"])
+        data_dir = args.data_dir or cli.resolve(cfg["data_dir"])
+        x, y = first_per_class(cfg["dataset"], data_dir)
+        if len(x) < 10:
+            raise cli.UserError(f"{data_dir}: {len(x)} test images of {cfg['dataset']}'s first "
+                                f"classes; t-SNE needs at least 10")
         feats, _ = stage_features(encoder, [(x, y)], data.DATASETS[cfg["dataset"]], rt)
-        xy = TSNE(2, perplexity=30, init="pca", random_state=0).fit_transform(feats[-1].cpu().numpy())
+        perplexity = min(30, (len(x) - 1) / 3)      # t-SNE needs it below the number of points
+        xy = TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(
+            feats[-1].cpu().numpy())
         ax.scatter(xy[:, 0], xy[:, 1], c=y.numpy(), cmap="tab10", s=6, vmin=0, vmax=9)
         ax.set_title(TITLES.get(cfg["method"], cfg["method"]))
         ax.set_xticks([]), ax.set_yticks([])
