@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 
+TITLES = {"simclr": "SimCLR", "gim": "GIM", "loco": "LoCo"}    # the methods' names in figures
+
+
 class UserError(Exception):
     """A mistake in a flag or a file, shown to the user as one line."""
 

@@ -17,6 +17,16 @@ TINY = ["--dataset", "synthetic", "--width", "0.125", "--subset", "256", "--batc
         "--lr", "2.0", "--warmup-epochs", "0.5", "--log-every", "1000", "--precision", "fp32"]
 
 
+def crash_after_save(monkeypatch, error: type[BaseException] = KeyboardInterrupt) -> None:
+    """train.py dies right after it writes a checkpoint (a kill between two epochs)."""
+    save = train.save_checkpoint
+
+    def save_then_crash(*args):
+        save(*args)
+        raise error
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,8 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import cli
-from cli import UserError
-from local_units import TITLES
+from cli import TITLES, UserError
 
 
 def read_log(run: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:

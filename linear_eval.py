@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
+import augment
 import data
 import model
 import recipe
@@ -80,7 +81,7 @@ def stage_features(encoder: model.StagedEncoder, batches, info: data.DatasetInfo
     encoder.eval()
     out, labels = [[] for _ in encoder.stages], []
     for x, y in batches:
-        h = rt.prepare(data.standardize(x.to(rt.device), info.mean, info.std))
+        h = rt.prepare(augment.standardize(x.to(rt.device), info.mean, info.std))
         for k, stage in enumerate(encoder.stages):
             h = stage(h)
             out[k].append(h.float().mean((2, 3)))   # (b, C_k)
@@ -135,7 +136,7 @@ def paper_protocol(encoder, train_x, train_y, test_f, test_y, info, classes: int
     opt = torch.optim.SGD(clfs.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.MultiStepLR(  # x0.1 at 30%, 60%, 90% of training
         opt, [round(epochs * f) for f in (0.3, 0.6, 0.9)], 0.1)
-    crop = data.SimCLRAugment.for_dataset(info)
+    crop = augment.SimCLRAugment.for_dataset(info)
     g = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(seed)
     for epoch in range(epochs):
         order = torch.randperm(len(train_x), generator=g, device=g.device).to(train_x.device)
@@ -143,10 +144,10 @@ def paper_protocol(encoder, train_x, train_y, test_f, test_y, info, classes: int
             idx = order[i:i + batch]
             x, y = train_x[idx].to(device), train_y[idx].to(device)
             p = crop.sample_params(len(x), g)          # random resized crop and flip only
-            x = data.resized_crop_flip(x.float() / 255, p["box"].to(device), p["flip"].to(device),
+            x = augment.resized_crop_flip(x.float() / 255, p["box"].to(device), p["flip"].to(device),
                                        info.size)
             with torch.no_grad(), rt.autocast():
-                h, feats = rt.prepare(data.standardize(x, info.mean, info.std)), []
+                h, feats = rt.prepare(augment.standardize(x, info.mean, info.std)), []
                 for stage in encoder.stages:
                     h = stage(h)
                     feats.append(h.float().mean((2, 3)))

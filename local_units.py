@@ -39,7 +39,6 @@ from losses import info_nce
 
 METHODS = ("simclr", "gim", "loco")
 SHARING = ("stage", "upper", "1block", "2blocks", "soft")     # Table 5's, for LoCo
-TITLES = {"simclr": "SimCLR", "gim": "GIM", "loco": "LoCo"}
 
 
 @dataclass(frozen=True)

@@ -81,18 +81,6 @@ class Run:
     def params(self) -> list[nn.Parameter]:
         return [*self.encoder.parameters(), *self.heads.parameters()]
 
-    def step(self, x1: torch.Tensor, x2: torch.Tensor, tau: float, rt: Runtime) -> list[torch.Tensor]:
-        """One training step on two views: the method's forward and backward (local_units), the
-        gradients averaged over processes, one LARS update. Returns every unit's loss."""
-        with rt.autocast():
-            losses = L.train_step(self.pieces, self.heads, self.units, rt.prepare(x1),
-                                  rt.prepare(x2), tau)
-        if rt.world > 1:
-            runtime.average_gradients(self.params, rt.world)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return losses
-
 
 # LARS moves a weight tensor by lr x eta (1e-3) of its norm per step, momentum 0.9 multiplies
 # that by up to 10: at lr 100 a step can move every weight by its own norm. The paper's is 4.8.
@@ -117,7 +105,7 @@ def check(cfg: dict) -> None:
         refuse(f"--sharing {sharing}: sharing strategies are LoCo's (Table 5); use --method "
                f"loco, or leave --sharing out")
     if cfg.get("soft_coef") is not None and sharing != "soft":
-        refuse(f"--soft-coef sets soft sharing's penalty: add --sharing soft, or leave it out")
+        refuse("--soft-coef sets soft sharing's penalty: add --sharing soft, or leave it out")
     if method != "loco" and not cfg.get("top_unit", True):
         refuse(f"--no-top-unit removes LoCo's unit of the top stage alone; {method} has no such "
                f"unit: leave it out")

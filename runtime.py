@@ -209,7 +209,7 @@ def compile_in_place(modules: list[nn.Module]) -> None:
     two settings make that correct: no donated buffers (they refuse retain_graph), and static
     shapes: with automatic dynamic shapes, inductor (torch 2.14, CPU) gave wrong weight gradients
     on the second backward through a stage compiled after a same-code stage of another shape.
-    test_train.py compares a compiled LoCo step with an eager one."""
+    tests/test_train.py compares a compiled LoCo step with an eager one."""
     import torch._functorch.config
     torch._functorch.config.donated_buffer = False
     for m in modules:

@@ -7,7 +7,6 @@ process against two. Every variant of Tables 4 and 5 is held to the same checks.
 
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import local_units as L
 import model
 import recipe
 import runtime
-from benchmark import LiveBytes, SavedBytes
+from memory import LiveBytes, SavedBytes
 from conftest import free_port
 from losses import info_nce
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,6 +33,7 @@ VARIANTS = {
     "loco, upper, three units": {"method": "loco", "sharing": "upper", "top_unit": False},
     "loco, sharing 1 block": {"method": "loco", "sharing": "1block"},
     "loco, sharing 1 block, three units": {"method": "loco", "sharing": "1block", "top_unit": False},
+    "loco, sharing 2 blocks": {"method": "loco", "sharing": "2blocks"},
     "loco, soft sharing": {"method": "loco", "sharing": "soft", "soft_coef": 1e-2},
     "simclr, 1 conv block, 4-layer MLP": {"method": "simclr", "decoder": "block", "mlp_layers": 4},
     "gim, no conv": {"method": "gim", "decoder": "none"},
@@ -207,7 +207,6 @@ ENCODERS = [("resnet18", "cifar", 32), ("resnet50", "imagenet", 64), ("presnet50
 CASES = ([(m, *e) for e in ENCODERS for m in L.METHODS]
          + [(v, *ENCODERS[0]) for v in VARIANTS if v not in L.METHODS]
          + [("loco, sharing 2 blocks", *ENCODERS[1]), ("loco, upper grad only", *ENCODERS[2])])
-VARIANTS["loco, sharing 2 blocks"] = {"method": "loco", "sharing": "2blocks"}
 
 
 @pytest.mark.parametrize("variant,arch,stem,size", CASES)
@@ -502,8 +501,8 @@ def distributed_step(rank: int, world: int, port: int, method: str, out: dict) -
 
 
 @pytest.mark.parametrize("method", ["simclr", "loco"])
-def test_two_processes_with_half_a_batch_each_equal_one_process_with_all(method):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def test_two_processes_with_half_a_batch_each_equal_one_process_with_all(method, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")       # inherited by the two spawned processes
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(distributed_step, args=(2, free_port(), method, out), nprocs=2)

@@ -10,11 +10,13 @@ The first line needs no download (synthetic shapes, drawn by shapes.py) and take
 on a 2-core CPU; the defaults (the paper's recipe, 100 epochs of 50,000 images at full width) are
 a GPU's job: days on a 2-core CPU (README, Set up).
 
-Reads top to bottom: the configuration (every flag and its default), then `main`, which is the
-whole run in order: processes and device, data, model and optimizer, resume, the loop, and a
-checkpoint after every epoch. The steps `main` names follow it, in the order it calls them:
-resume, the log, the checkpoint. The method itself is one call, `local_units.train_step`, inside
-`recipe.Run.step`; the recipe (LARS, learning rate, warm-up and cosine decay) is in recipe.py.
+Reads top to bottom: the configuration (every flag and its default), then `main` (processes,
+device, and what a failure leaves behind) and `train`, the whole run in order: data, model and
+optimizer, resume, the loop, and a checkpoint after every epoch. In the loop body, one step is
+the method's call, `local_units.train_step` (every unit's forward and local backward), the
+gradients averaged over processes, and the LARS update; the recipe (LARS, learning rate, warm-up
+and cosine decay) is in recipe.py. The steps `train` names follow it, in the order it calls them:
+resume, the log, the checkpoint.
 
 Writes into --out (default runs/<method>): `log.csv`, every unit's loss at every step (the paper's
 Fig. 2), and `ckpt.pt` after every epoch (encoder, heads, optimizer, epoch, the full configuration
@@ -26,7 +28,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -244,9 +245,7 @@ class Log:
                         rows.append(row)
             text = io.StringIO()
             csv.writer(text).writerows([header, *rows])
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text.getvalue())
-            os.replace(tmp, path)    # atomic: a crash leaves the old log or the new one
+            cli.write_atomic(path, text.getvalue())   # a crash leaves the old log or the new one
 
     def add(self, epoch: int, step: int, lr: float, losses: list[torch.Tensor], total: int,
             last: bool) -> None:
@@ -302,19 +301,18 @@ def recorded(args: argparse.Namespace) -> dict:
 
 def save_checkpoint(run: recipe.Run, epoch: int, step: int, args: argparse.Namespace,
                     rt: runtime.Runtime, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash mid-write (a full disk)
-    leaves the old file, and says so."""
-    tmp = path.with_suffix(".tmp")
+    """Written whole or not at all (cli.write_atomic): a crash or a full disk mid-write leaves
+    the previous checkpoint, and a full disk says so."""
+    buffer = io.BytesIO()
+    torch.save({"encoder": run.encoder.state_dict(), "heads": run.heads.state_dict(),
+                "optimizer": run.optimizer.state_dict(), "epoch": epoch, "step": step,
+                "config": recorded(args), "units": [[u.first, u.last] for u in run.units],
+                "stage_of": run.stage_of, "provenance": runtime.provenance(rt)}, buffer)
     try:
-        torch.save({"encoder": run.encoder.state_dict(), "heads": run.heads.state_dict(),
-                    "optimizer": run.optimizer.state_dict(), "epoch": epoch, "step": step,
-                    "config": recorded(args), "units": [[u.first, u.last] for u in run.units],
-                    "stage_of": run.stage_of, "provenance": runtime.provenance(rt)}, tmp)
-    except (RuntimeError, OSError) as e:  # torch.save reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: writing epoch {epoch} failed (disk full?): "
-                        f"{str(e).splitlines()[0][:80]}. {saved(path)}") from None
-    os.replace(tmp, path)
+        cli.write_atomic(path, buffer.getvalue())
+    except OSError as e:
+        raise UserError(f"{path}: writing epoch {epoch} failed ({e.strerror or e}). "
+                        f"{saved(path)}") from None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import data
 import runtime
 import recipe
 from linear_eval import stage_features
-from local_units import TITLES
+from cli import TITLES
 
 
 def first_per_class(name: str, data_dir: str, classes: int = 10, per_class: int = 50):

@@ -6,6 +6,7 @@ Every case runs its script in this process (no interpreter start-up per case); t
 that several cases need is trained once (`run_dir`).
 """
 
+import gc
 import json
 import math
 import re
@@ -15,22 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import benchmark
 import cli
 import curves
-import assignments
 import data
-import detect
-import experiments
 import linear_eval
 import recipe
 import train
 import tsne
-from conftest import TINY, state
+from conftest import TINY, crash_after_save, state
+from tools import assignments, benchmark, detect, experiments
 
 SCRIPTS = {"train.py": train, "linear_eval.py": linear_eval, "tsne.py": tsne,
-           "curves.py": curves, "benchmark.py": benchmark, "detect.py": detect,
-           "experiments.py": experiments, "assignments.py": assignments}
+           "curves.py": curves, "tools/benchmark.py": benchmark, "tools/detect.py": detect,
+           "tools/experiments.py": experiments, "tools/assignments.py": assignments}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +52,8 @@ def run_dir(tmp_path_factory) -> Path:
     (root / "bad_config").mkdir()                # a log beside a config.json that is not one
     (root / "bad_config" / "log.csv").write_text((root / "run" / "log.csv").read_text())
     (root / "bad_config" / "config.json").write_text("{\"method\": ")
+    (root / "foreign").mkdir()                   # somebody else's checkpoint
+    torch.save({"state_dict": {}}, root / "foreign" / "ckpt.pt")
     (root / "empty.json").write_text("{}")
     (root / "noimages.json").write_text(json.dumps(
         {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
@@ -106,7 +106,9 @@ CASES = [
     ("train.py", ["--out", "{root}/notes.txt/run"], "--out .*notes.txt is not a writable", 2),
     ("train.py", ["--out", "{root}/notes.txt"], "--out .*is a file", 2),
     ("train.py", ["--dataset", "cifar10", "--data-dir", "{root}/nowhere", "--out", "{root}/new"],
-     "cifar10: .*not found.*--data-dir", 1),
+     "cifar10: .*not found.*--data-dir.*or train without data: --dataset synthetic", 1),
+    ("train.py", ["--out", "{root}/foreign", "--resume"], "foreign/ckpt.pt is not a checkpoint "
+     "written by train.py", 1),
     ("train.py", ["--dataset", "cifar10", "--data-dir", "{root}/bad_cifar", "--out",
                   "{root}/new"], "data_batch_1 is not a CIFAR batch file", 1),
     ("linear_eval.py", ["{root}/missing.pt"], "missing.pt: no such checkpoint", 1),
@@ -133,29 +135,29 @@ CASES = [
      1),
     ("curves.py", ["{root}/run", "--out", "{root}/nowhere/deeper/c.png"], None, 0),
     ("curves.py", ["{root}/run", "--out", "{root}/notes.txt/c.png"], "not a writable", 2),
-    ("benchmark.py", ["speed", "--steps", "0"], "--steps.*above 0", 2),
-    ("benchmark.py", ["fast"], "invalid choice: 'fast'", 2),
-    ("benchmark.py", ["train", "--data-dir", "{root}/nowhere"], "cifar10: .*not found", 1),
-    ("detect.py", ["{root}/missing.pt"], "missing.pt: no such checkpoint", 1),
-    ("detect.py", ["{root}/notes.txt"], "notes.txt is not a checkpoint written by train", 1),
-    ("detect.py", ["random"], "'random' needs --like CKPT", 2),
-    ("detect.py", ["{root}/run/ckpt.pt", "--train-scenes", "0"], "--train-scenes.*above 0", 2),
-    ("detect.py", ["{root}/run/ckpt.pt", "--coco-train", "{root}", "{root}/empty.json",
+    ("tools/benchmark.py", ["speed", "--steps", "0"], "--steps.*above 0", 2),
+    ("tools/benchmark.py", ["fast"], "invalid choice: 'fast'", 2),
+    ("tools/benchmark.py", ["train", "--data-dir", "{root}/nowhere"], "cifar10: .*not found", 1),
+    ("tools/detect.py", ["{root}/missing.pt"], "missing.pt: no such checkpoint", 1),
+    ("tools/detect.py", ["{root}/notes.txt"], "notes.txt is not a checkpoint written by train", 1),
+    ("tools/detect.py", ["random"], "'random' needs --like CKPT", 2),
+    ("tools/detect.py", ["{root}/run/ckpt.pt", "--train-scenes", "0"], "--train-scenes.*above 0", 2),
+    ("tools/detect.py", ["{root}/run/ckpt.pt", "--coco-train", "{root}", "{root}/empty.json",
                    "--coco-val", "{root}", "{root}/empty.json"],
      "empty.json is not a COCO annotation file: no list of images, annotations, categories", 1),
-    ("detect.py", ["{root}/run/ckpt.pt", "--coco-train", "{root}", "{root}/noimages.json",
+    ("tools/detect.py", ["{root}/run/ckpt.pt", "--coco-train", "{root}", "{root}/noimages.json",
                    "--coco-val", "{root}", "{root}/noimages.json"], "noimages.json holds 0 images", 1),
-    ("detect.py", ["{root}/run/ckpt.pt", "--train-scenes", "8", "--iterations", "1", "--out",
+    ("tools/detect.py", ["{root}/run/ckpt.pt", "--train-scenes", "8", "--iterations", "1", "--out",
                    "{root}/det"], "detect_loco_8_0.json holds the result of other.pt", 2),
-    ("experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/badminutes"],
+    ("tools/experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/badminutes"],
      "badminutes/minutes.json is corrupt.*fix or delete it", 1),
-    ("experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/badresult"],
+    ("tools/experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/badresult"],
      "linear_eval_fast.json is corrupt.*delete it", 1),
-    ("experiments.py", ["cifar-cpu", "--seeds", "0"], "--seeds.*above 0", 2),
-    ("experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/notes.txt/x"],
+    ("tools/experiments.py", ["cifar-cpu", "--seeds", "0"], "--seeds.*above 0", 2),
+    ("tools/experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/notes.txt/x"],
      "--out .*not a writable directory", 2),
-    ("assignments.py", ["make", "{root}/run"], "run is not empty: give a new directory", 2),
-    ("assignments.py", ["grade", "9"], "choose from \\[1, 2, 3, 4, 5\\]", 2),
+    ("tools/assignments.py", ["make", "{root}/run"], "run is not empty: give a new directory", 2),
+    ("tools/assignments.py", ["grade", "9"], "choose from \\[1, 2, 3, 4, 5\\]", 2),
 ]
 
 
@@ -226,15 +228,21 @@ def test_a_nan_in_the_first_epoch_does_not_offer_a_checkpoint_that_was_never_wri
     assert not (tmp_path / "ckpt.pt").exists()
 
 
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    args = [*TINY, "--method", "loco", "--out", str(tmp_path)]
+    train.main([*args, "--epochs", "1"])
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    step = train.L.train_step
+    monkeypatch.setattr(train.L, "train_step", lambda *a: [l * math.nan for l in step(*a)])
+    with pytest.raises(cli.UserError, match="NaN.*last good"):
+        train.main([*args, "--epochs", "2", "--resume"])
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
 def test_ctrl_c_ends_with_one_line_saying_what_was_saved_and_how_to_continue(
         tmp_path, monkeypatch, capsys):
     args = [*TINY, "--epochs", "2", "--out", str(tmp_path)]
-    save = train.save_checkpoint
-
-    def save_then_interrupt(*a):
-        save(*a)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_checkpoint", save_then_interrupt)
+    crash_after_save(monkeypatch)
     with pytest.raises(SystemExit) as e:
         cli.run(lambda: train.main(args), "train.py")
     err = capsys.readouterr().err.strip()
@@ -248,12 +256,7 @@ def test_resume_continues_past_a_torn_last_line_of_the_log(tmp_path, monkeypatch
     run does."""
     args = [*TINY, "--method", "gim", "--epochs", "2"]
     train.main([*args, "--out", str(tmp_path / "straight")])
-    save = train.save_checkpoint
-
-    def save_then_crash(*a):
-        save(*a)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    crash_after_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train.main([*args, "--out", str(tmp_path / "resumed")])
     monkeypatch.undo()
@@ -287,13 +290,14 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_keeps_the_last_good_one
     args = [*TINY, "--out", str(tmp_path)]
     train.main([*args, "--epochs", "1"])
     good = (tmp_path / "ckpt.pt").read_bytes()
-    (tmp_path / "ckpt.tmp").symlink_to("/dev/full")
+    (tmp_path / "ckpt.pt.tmp").symlink_to("/dev/full")
     with pytest.raises(SystemExit) as e:
         cli.run(lambda: train.main([*args, "--epochs", "2", "--resume"]), "train.py")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and len(err.splitlines()) == 1, err
-    assert "ckpt.pt: writing epoch 1 failed (disk full?)" in err and "holds epoch 0" in err
-    assert (tmp_path / "ckpt.pt").read_bytes() == good and not (tmp_path / "ckpt.tmp").exists()
+    assert "ckpt.pt: writing epoch 1 failed (No space left on device)" in err, err
+    assert "holds epoch 0" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()
 
 
 # The workers' queue-feeder thread complains when the error tears the loader down under pytest's
@@ -316,6 +320,7 @@ def test_a_corrupt_image_read_by_a_dataloader_worker_is_named_in_one_line(tmp_pa
     assert e.value.code == 1 and len(err.splitlines()) == 1, err
     assert re.search(r"train/a/4.png is not a readable image .*in a DataLoader worker", err), err
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+    gc.collect()                         # the loader's threads end here, inside the filter
 
 
 def test_ctrl_c_before_the_loop_says_that_nothing_was_written(tmp_path, monkeypatch, capsys):

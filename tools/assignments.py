@@ -1,7 +1,7 @@
 """A course kit: student copies generated from this code, graded by its specification tests.
 
-    python assignments.py make DEST         # a student copy of the repository in DEST
-    python assignments.py grade [N ...]     # in a copy: grade assignment N (default: all)
+    python -m tools.assignments make DEST         # a student copy of the repository in DEST
+    python -m tools.assignments grade [N ...]     # in a copy: grade assignment N (default: all)
 
 `make` copies the repository and replaces the body of every function an assignment names with
 its instructions (as the docstring) and `raise NotImplementedError` naming the assignment. The
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import cli
 
-HERE = Path(__file__).resolve().parent
+HERE = cli.ROOT                      # the repository whose copy is made, or graded
 
 
 @dataclass(frozen=True)
@@ -73,19 +73,19 @@ ASSIGNMENTS = {
         "linear_eval.py:stage_features": """Global-average-pooled output of every stage, a list of
         (N, C_k) float32 tensors, and the labels (N,), from (uint8 images, labels) batches. The
         encoder is frozen: it must not move, BatchNorm's running statistics included (why: see
-        the module docstring). Standardise the images with data.standardize and use rt.prepare and
+        the module docstring). Standardise the images with augment.standardize and use rt.prepare and
         rt.autocast as train.py does.""",
         "linear_eval.py:fit_linear": """Multinomial logistic regression x (N, D) -> classes with an
         L2 penalty l2 * |W|^2 on the weights, fitted by full-batch L-BFGS (torch.optim.LBFGS,
         strong Wolfe line search, `steps` iterations). Return the fitted nn.Linear."""},
-        ["test_eval.py", "-k", "linear_eval"]),
+        ["tests/test_eval.py", "-k", "beats_chance or refuses_to_report or paper_protocol"]),
     5: Assignment("An experiment: one row of Table 4 or 5", {}, []),
 }
 EXPERIMENT = "assignment5.json"     # assignment 5's result file, at the root of the copy
 KEYS = {"row": str, "command": str, "linear_top1": float, "knn_top1": float,
         "paper_top1": float, "explanation": str}
-UNTOUCHED = [["test_data.py"], ["test_loco.py", "-k", "stages_chain or published"],
-             ["test_runtime.py", "-k", "auto_picks or lacks"]]   # run without any blanked code
+UNTOUCHED = [["tests/test_data.py"], ["test_loco.py", "-k", "stages_chain or published"],
+             ["tests/test_runtime.py", "-k", "auto_picks or lacks"]]   # run without any blanked code
 
 
 # ---------------------------------------------------------------------------- make
@@ -122,7 +122,7 @@ def repository_files() -> list[Path]:
                                text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         names = [p.name for p in HERE.glob("*") if p.suffix in (".py", ".md", ".txt")]
-    return [HERE / n for n in names if n != "test_assignments.py"]
+    return [HERE / n for n in names if n != "tests/test_assignments.py"]
 
 
 def make(dest: Path) -> list[str]:
@@ -192,7 +192,7 @@ def grade(numbers: list[int], where: Path = HERE) -> dict[int, tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = cli.parser(__doc__, "assignments.py")
+    p = cli.parser(__doc__, "tools/assignments.py")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("make", help="write a student copy").add_argument("dest", type=Path)
     g = sub.add_parser("grade", help="grade assignments in this copy")
@@ -207,4 +207,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, "assignments.py")
+    cli.run(main, "tools/assignments.py")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import experiments
+from tools import experiments
 from conftest import write_fake_cifar10
 
 
@@ -90,7 +90,7 @@ def test_two_jobs_run_steps_side_by_side_and_a_reader_waits_for_its_run(tmp_path
     assert experiments.execute(plan, None, tmp_path / "log.txt", jobs=2)
     log = (tmp_path / "log.txt").read_text()
     starts = [line for line in log.splitlines() if " start train " in line]
-    first_exit = min(log.index(f"] exit 0 after"), log.index("start read a"))
+    first_exit = min(log.index("] exit 0 after"), log.index("start read a"))
     assert len(starts) == 2 and log.index(starts[1]) < first_exit   # both ran before either ended
     assert reader.read_text() == "ok"
     assert [p.name for p in tmp_path.rglob(".*.lock")] == [".minutes.lock"]  # claims released

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import detect
+from tools import detect
 import shapes
 
 

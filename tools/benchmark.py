@@ -1,10 +1,10 @@
 """What locality buys, measured: per-stage memory and FLOPs (Table 6), peak memory (Table 7), speed.
 
-    python benchmark.py stages    # Table 6 (+ params, GFLOPs of every encoder), counted on the CPU
-    python benchmark.py memory    # Table 7: peak memory of one step, simclr vs gim vs loco
-    python benchmark.py speed     # time per step of each method over SimCLR's, and from FLOPs
-    python benchmark.py train     # images/s: the step alone, our loop, the usual pipeline
-    python benchmark.py all --out benchmark.json
+    python -m tools.benchmark stages    # Table 6 (+ params, GFLOPs of every encoder), counted on the CPU
+    python -m tools.benchmark memory    # Table 7: peak memory of one step, simclr vs gim vs loco
+    python -m tools.benchmark speed     # time per step of each method over SimCLR's, and from FLOPs
+    python -m tools.benchmark train     # images/s: the step alone, our loop, the usual pipeline
+    python -m tools.benchmark all --out benchmark.json
 
 Activation memory is counted, not sampled: `SavedBytes` watches every tensor autograd saves for
 backward and keeps the running total of those still alive, so its peak is the activation memory of
@@ -19,12 +19,8 @@ device: a CPU timing is a CPU figure, never a GPU one.
 import json
 import statistics
 import time
-import weakref
 
 import torch
-import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import cli
@@ -33,85 +29,7 @@ import local_units as L
 import model
 import recipe
 import runtime
-
-
-class SavedBytes:
-    """Context manager: live and peak bytes of tensors saved for backward (parameters excluded).
-
-    A storage saved by several nodes (a ReLU output kept by the ReLU and the next conv) counts
-    once; it stops counting when the last node holding it is freed.
-    """
-
-    def __init__(self):
-        self.live = self.peak = 0
-        self._count: dict[int, int] = {}  # storage address -> how many saved references hold it
-
-    def _pack(self, t: torch.Tensor):
-        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
-            return t                      # weights (or views of them, like a Linear's W.T) exist
-                                          # anyway: they are not activation memory
-        storage = t.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        if self._count.get(key, 0) == 0:
-            self.live += size
-            self.peak = max(self.peak, self.live)
-        self._count[key] = self._count.get(key, 0) + 1
-        return _Held(t, key, size, self)
-
-    def _unpack(self, held):
-        return held if isinstance(held, torch.Tensor) else held.t
-
-    def _release(self, key: int, size: int) -> None:
-        self._count[key] -= 1
-        if self._count[key] == 0:
-            del self._count[key]
-            self.live -= size
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-
-class _Held:
-    """A saved tensor; when autograd frees it, the counter hears of it."""
-
-    def __init__(self, t, key, size, counter):
-        self.t, self.key, self.size, self.counter = t, key, size, counter
-
-    def __del__(self):
-        self.counter._release(self.key, self.size)
-
-
-class LiveBytes(TorchDispatchMode):
-    """Context manager: live and peak bytes of every tensor the operations inside create, saved
-    activations, gradients and temporaries alike (what a device's allocator would hold, on any
-    device). A storage counts from the operation that makes it until its last holder frees it."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._alive: set[int] = set()     # storage addresses counted and not yet freed
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, size = storage.data_ptr(), storage.nbytes()
-                if size and key not in self._alive:
-                    self._alive.add(key)
-                    self.live += size
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, size)
-        return out
-
-    def _free(self, key: int, size: int) -> None:
-        self._alive.discard(key)
-        self.live -= size
+from memory import SavedBytes
 
 
 def stage_profile(encoder: model.StagedEncoder, x: torch.Tensor) -> list[dict]:
@@ -187,6 +105,18 @@ def build(arch: str, method: str, rt: runtime.Runtime, stem: str = "imagenet",
                         lr=0.1)
 
 
+def step(run: recipe.Run, x1: torch.Tensor, x2: torch.Tensor, tau: float,
+         rt: runtime.Runtime) -> list[torch.Tensor]:
+    """One step of train.py's loop on one process: the method's forward and local backward,
+    then LARS."""
+    with rt.autocast():
+        losses = L.train_step(run.pieces, run.heads, run.units, rt.prepare(x1), rt.prepare(x2),
+                              tau)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
 def views(batch: int, size: int, rt: runtime.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(2, batch, 3, size, size, device=rt.device)
     return x[0], x[1]
@@ -201,14 +131,14 @@ def memory_table(archs: list[str], batch: int, size: int, rt: runtime.Runtime) -
         for method in L.METHODS:
             run = build(arch, method, rt)
             x1, x2 = views(batch, size, rt)
-            run.step(x1, x2, 0.1, rt)   # warm-up: optimizer state, cuDNN workspaces, allocator
+            step(run, x1, x2, 0.1, rt)   # warm-up: optimizer state, cuDNN workspaces, allocator
             rt.sync()
             r = {}
             if cuda:
                 torch.cuda.reset_peak_memory_stats(rt.device)
                 base = torch.cuda.memory_allocated(rt.device)
             with SavedBytes() as mem:
-                run.step(x1, x2, 0.1, rt)
+                step(run, x1, x2, 0.1, rt)
             rt.sync()
             r["saved_MiB"] = mem.peak / 2 ** 20
             if cuda:
@@ -259,7 +189,7 @@ def speed_table(rt: runtime.Runtime, steps: int = 10, configs=None) -> dict:
         for method in L.METHODS:
             run = build(arch, method, rt, stem, width)
             x1, x2 = views(batch, size, rt)
-            s = seconds_per_call(lambda: run.step(x1, x2, 0.1, rt), rt, steps)
+            s = seconds_per_call(lambda: step(run, x1, x2, 0.1, rt), rt, steps)
             cpu = runtime.Runtime(torch.device("cpu"), False, torch.float32, False)
             macs = step_flops(build(arch, method, cpu, stem, width), *views(2, size, cpu)) * batch // 2
             out[key][method] = {"ms_per_step": round(1000 * s, 2), "images_per_s": round(batch / s),
@@ -332,7 +262,8 @@ def train_table(rt: runtime.Runtime, data_dir: str, dataset: str = "cifar10",
         ours = endless(loader.epoch)
         theirs = endless(lambda e: ((a.to(srt.device, non_blocking=True),
                                      b.to(srt.device, non_blocking=True)) for a, b in usual))
-        rates = {name: batch / seconds_per_call(lambda: run.step(*views_of(), tau, srt), srt, steps)
+        rates = {name: batch / seconds_per_call(lambda: step(run, *views_of(), tau, srt), srt,
+                                                     steps)
                  for name, views_of in (("model_only", lambda: fixed), ("our_loop", lambda: next(ours)),
                                         ("usual_pipeline", lambda: next(theirs)))}
         r = {k: round(v) for k, v in rates.items()}
@@ -351,7 +282,7 @@ def train_table(rt: runtime.Runtime, data_dir: str, dataset: str = "cifar10",
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = cli.parser(__doc__, "benchmark.py")
+    p = cli.parser(__doc__, "tools/benchmark.py")
     p.add_argument("what", choices=["stages", "memory", "speed", "train", "all"])
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS)
@@ -398,4 +329,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run(main, "benchmark.py")
+    cli.run(main, "tools/benchmark.py")

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
+import augment
 import data
 import shapes
 from conftest import write_fake_cifar10
@@ -18,7 +19,7 @@ def test_color_jitter_matches_torchvision_in_each_images_own_order():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 3, 12, 12, generator=g)
     x[:, :, :4] = (x[:, :, :4] * 4).round() / 4  # channel ties and grey pixels: hue's edge cases
-    aug = data.SimCLRAugment(12, (0.08, 1.0), False, (0, 0, 0), (1, 1, 1))
+    aug = augment.SimCLRAugment(12, (0.08, 1.0), False, (0, 0, 0), (1, 1, 1))
     p = aug.sample_params(16, g)
     assert len({tuple(o) for o in p["order"].tolist()}) > 1  # the batch mixes orders
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
@@ -27,27 +28,27 @@ def test_color_jitter_matches_torchvision_in_each_images_own_order():
         for op in order:
             img = ops[op](img, factors[op])
         expected.append(img)
-    torch.testing.assert_close(data.color_jitter(x, p["factors"], p["order"]),
+    torch.testing.assert_close(augment.color_jitter(x, p["factors"], p["order"]),
                                torch.stack(expected), atol=1e-5, rtol=0)
 
 
 def test_grayscale_matches_torchvision():
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(data.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(augment.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
 
 
 def test_crop_and_flip_match_torchvision_resized_crop_then_hflip():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(64, 3, 32, 32, generator=g)
-    p = data.SimCLRAugment(32, (0.08, 1.0), False, (0, 0, 0), (1, 1, 1)).sample_params(64, g)
+    p = augment.SimCLRAugment(32, (0.08, 1.0), False, (0, 0, 0), (1, 1, 1)).sample_params(64, g)
     expected = []
     for img, (top, left, h, w), flip in zip(x, p["box"].int().tolist(), p["flip"].tolist()):
         img = TF.resized_crop(img, top, left, h, w, [32, 32], antialias=False)
         expected.append(TF.horizontal_flip(img) if flip else img)
-    torch.testing.assert_close(data.resized_crop_flip(x, p["box"], p["flip"], 32),
+    torch.testing.assert_close(augment.resized_crop_flip(x, p["box"], p["flip"], 32),
                                torch.stack(expected), atol=1e-5, rtol=0)
     whole = torch.tensor([[0.0, 0.0, 32.0, 32.0]])  # the whole image, unflipped: the image itself
-    torch.testing.assert_close(data.resized_crop_flip(x[:1], whole, torch.tensor([False]), 32),
+    torch.testing.assert_close(augment.resized_crop_flip(x[:1], whole, torch.tensor([False]), 32),
                                x[:1], atol=1e-6, rtol=0)
 
 
@@ -56,11 +57,11 @@ def test_gaussian_blur_matches_torchvision_with_a_sigma_per_image():
     x, sigma = torch.rand(5, 3, 20, 20, generator=g), 0.1 + 1.9 * torch.rand(5, generator=g)
     expected = torch.stack([TF.gaussian_blur(img, [9, 9], [s, s])
                             for img, s in zip(x, sigma.tolist())])
-    torch.testing.assert_close(data.gaussian_blur(x, sigma, 9), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(augment.gaussian_blur(x, sigma, 9), expected, atol=1e-5, rtol=0)
 
 
 def test_crop_boxes_lie_inside_the_image_with_area_and_aspect_in_range():
-    aug = data.SimCLRAugment(32, (0.2, 1.0), False, (0, 0, 0), (1, 1, 1))
+    aug = augment.SimCLRAugment(32, (0.2, 1.0), False, (0, 0, 0), (1, 1, 1))
     top, left, h, w = aug.sample_params(4096, torch.Generator().manual_seed(3))["box"].unbind(1)
     assert (top >= 0).all() and (left >= 0).all()
     assert (top + h <= 32).all() and (left + w <= 32).all()
@@ -73,7 +74,7 @@ def test_crop_boxes_lie_inside_the_image_with_area_and_aspect_in_range():
 
 
 def test_augment_draws_independent_params_per_image():
-    aug = data.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
+    aug = augment.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
     x = shapes.make_synthetic(1, 0)[0].expand(256, -1, -1, -1)  # one image, 256 times
     p = aug.sample_params(256, torch.Generator().manual_seed(4))
     assert len(set(map(tuple, p["box"].tolist()))) > 128
@@ -85,7 +86,7 @@ def test_augment_draws_independent_params_per_image():
 
 
 def test_augment_is_reproducible_from_the_generator_seed():
-    aug = data.SimCLRAugment.for_dataset(data.DATASETS["stl10"])  # blur on: every op in play
+    aug = augment.SimCLRAugment.for_dataset(data.DATASETS["stl10"])  # blur on: every op in play
     x = torch.randint(0, 256, (8, 3, 96, 96), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(0))
     a, b, c = (aug(x, torch.Generator().manual_seed(s)) for s in (5, 5, 6))
@@ -98,7 +99,7 @@ def _views(loader: data.InMemoryLoader, epoch: int) -> list[tuple[torch.Tensor, 
 
 def test_two_ranks_slices_concatenated_equal_the_one_rank_batch():
     images = shapes.make_synthetic(100, 0)[0]
-    aug = data.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
+    aug = augment.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
     one = _views(data.InMemoryLoader(images, 32, aug, seed=7), epoch=3)
     ranks = [_views(data.InMemoryLoader(images, 32, aug, seed=7, rank=r, world_size=2), epoch=3)
              for r in range(2)]
@@ -134,7 +135,7 @@ def test_loader_shows_every_image_at_most_once_per_epoch_and_pairs_the_views():
 
 
 def test_batch_not_divisible_by_world_size_raises_and_says_what_to_do():
-    aug = data.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
+    aug = augment.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
     with pytest.raises(UserError, match="multiple of 3"):
         data.InMemoryLoader(torch.zeros(64, 3, 32, 32, dtype=torch.uint8), 32, aug, 0, 0, 3)
 

@@ -4,6 +4,7 @@ the CPU, so that the first run on a GPU is not the first run of that code."""
 import pytest
 import torch
 
+import augment
 import data
 import local_units as L
 import recipe
@@ -69,7 +70,7 @@ def test_a_bf16_channels_last_step_gives_the_fp32_losses_and_gradients(method, t
         heads.load_state_dict(trained_heads)
     else:
         heads[0].load_state_dict({k[2:]: v for k, v in trained_heads.items() if k[:2] == "3."})
-    aug = data.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
+    aug = augment.SimCLRAugment.for_dataset(data.DATASETS["synthetic"])
     images = shapes.make_synthetic(32, seed=5)[0]
     views = aug(torch.cat([images, images]), torch.Generator().manual_seed(0)).chunk(2)
     l32, g32 = one_step(encoder, heads, units, views, bf16=False)

@@ -1,13 +1,13 @@
 """The measured results of this repository, each one command that trains, evaluates, draws and
 prints its table, and that continues where it stopped when run again.
 
-    python experiments.py cifar-cpu --data-dir data       # Table 1 on CIFAR-10, 2 CPU cores
-    python experiments.py gap --data-dir data --jobs 2    # what closes LoCo's gap to SimCLR
-    python experiments.py ablations --data-dir data       # Tables 4 and 5 at a CPU scale
-    python experiments.py detection                       # Table 3 in miniature (no download)
-    python experiments.py gpu --data-dir data             # every GPU figure (README, GPU)
-    python experiments.py cifar-cpu --seeds 3             # a third seed in a later sitting
-    python experiments.py cifar-cpu --smoke               # every step for a few iterations
+    python -m tools.experiments cifar-cpu --data-dir data      # Table 1 on CIFAR-10, 2 CPU cores
+    python -m tools.experiments gap --data-dir data --jobs 2   # what closes LoCo's gap to SimCLR
+    python -m tools.experiments ablations --data-dir data      # Tables 4 and 5 at a CPU scale
+    python -m tools.experiments detection                      # Table 3 in miniature (no download)
+    python -m tools.experiments gpu --data-dir data            # every GPU figure (README, Not measured)
+    python -m tools.experiments cifar-cpu --seeds 3            # a third seed in a later sitting
+    python -m tools.experiments cifar-cpu --smoke              # every step for a few iterations
 
 A plan is a list of steps (train a run, evaluate it, draw a figure, time a benchmark); each is
 a subprocess of this repository's own scripts and each knows when it is done (a checkpoint of
@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cli
-from local_units import TITLES
+from cli import TITLES
 
 PY = sys.executable
+ROOT = cli.ROOT                          # steps run the repository's scripts from its root
 
 
 @dataclass
@@ -226,7 +227,7 @@ def run_step(s: Step, deadline: float | None, log: Path, env: dict) -> None:
         f.write(f"\n$ {' '.join(args)}\n")
         f.flush()
         code = subprocess.run([PY, *args], stdout=f, stderr=subprocess.STDOUT, env=env,
-                              cwd=Path(__file__).parent).returncode
+                              cwd=ROOT).returncode
     with open(log, "a") as f:
         f.write(f"{stamp(f'exit {code} after {(time.time() - t) / 60:.1f} min:')}\n")
     if code:
@@ -264,8 +265,9 @@ def flags(d: dict) -> list[str]:
     return [x for k, v in d.items() for x in (f"--{k}", str(v))]
 
 
-# The CPU protocol (README, Results): ResNet-18 at width 1/4, CIFAR stem, all 50,000 training
-# images, batch 256, LARS at lr 4 with one warm-up epoch, 12 epochs; seeds 0, 1, ...
+# The CPU protocol (README, The CPU protocol, and why): ResNet-18 at width 1/4, CIFAR stem,
+# all 50,000 training images, batch 256, LARS at lr 4 with one warm-up epoch, 12 epochs;
+# seeds 0, 1, ...
 CPU = {"arch": "resnet18", "width": 0.25, "batch-size": 256, "lr": 4.0, "warmup-epochs": 1}
 CPU_EPOCHS = 12
 SMOKE = {"subset": 256, "batch-size": 64, "width": 0.125, "warmup-epochs": 0.5}  # seconds a step
@@ -314,7 +316,7 @@ def figures(plan: Plan, out: Path, runs: list[Path]) -> None:
 # close LoCo's 3-point gap to SimCLR at the final stage, deciding rows first. Rows already
 # measured by cifar-cpu (SimCLR, GIM, LoCo at 12 epochs) are read from its committed results.
 # Minutes: training of one run with one thread, two runs side by side (--jobs 2).
-REFERENCE = Path(__file__).resolve().parent / "results" / "cifar-cpu"
+REFERENCE = ROOT / "results" / "cifar-cpu"
 GAP = [  # (hypothesis, run, flags, epochs, seeds, minutes); run in this order
     # 1. the decoders: Sec. 5.1's MLP-only heads for local methods, or only on the top stage
     (1, "loco_topnone", ["--method", "loco", "--top-decoder", "none"], 12, 2, 45),
@@ -411,9 +413,9 @@ def ablations(out: Path, args) -> tuple[Plan, list]:
                    stage_table(out, [(key, key) for key in ABLATIONS]))]
 
 
-# Every GPU figure (README, GPU): the benchmark, then CIFAR-10 at the GPU protocol (ResNet-18,
-# CIFAR stem, full width, batch 512, LARS lr 2, 10 warm-up epochs, 100 epochs), SimCLR and LoCo
-# first (the claim), then GIM, the untrained row and the figures.
+# Every GPU figure (README, Not measured: the GPU run): the benchmark, then CIFAR-10 at the GPU
+# protocol (ResNet-18, CIFAR stem, full width, batch 512, LARS lr 2, 10 warm-up epochs, 100
+# epochs), SimCLR and LoCo first (the claim), then GIM, the untrained row and the figures.
 GPU = {"arch": "resnet18", "width": 1.0, "batch-size": 512, "lr": 2.0, "warmup-epochs": 10}
 GPU_EPOCHS = 100
 
@@ -422,7 +424,7 @@ def gpu(out: Path, args) -> tuple[Plan, list]:
     plan = Plan()
     bench = out / "benchmark.json"
     plan.other("benchmark: memory, speed, throughput",
-               ["benchmark.py", "all", "--data-dir", args.data_dir, "--dataset", args.dataset,
+               ["-m", "tools.benchmark", "all", "--data-dir", args.data_dir, "--dataset", args.dataset,
                 "--out", str(bench), *(["--smoke"] if args.smoke else [])], bench, 4)
     base = flags({**GPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 50,
                   **(SMOKE if args.smoke else {})})
@@ -481,7 +483,8 @@ def detection(out: Path, args) -> tuple[Plan, list]:
                     "--train-scenes", str(scenes)]
                 done = out / f"detect_{init}_{8 if args.smoke else scenes}_{split}.json"
                 plan.other(f"detect {init} {scenes} scenes split {split}",
-                           ["detect.py", *first, *extra, "--split", str(split), "--out", str(out)],
+                           ["-m", "tools.detect", *first, *extra, "--split", str(split),
+                            "--out", str(out)],
                            done, 0.2 if args.smoke else 1.1 if scenes >= 1000 else 0.65)
     return plan, [("the pre-trained encoders: linear top-1 (%) by stage, synthetic shapes",
                    stage_table(out, [(TITLES[m], f"pretrain_{m}") for m in TITLES])),
@@ -503,7 +506,8 @@ def detection_table(out: Path, smoke: bool) -> str:
     for init in ("random", "simclr", "gim", "loco"):
         cells, splits = [], []
         for b, scenes in enumerate(BUDGETS):
-            rs = [read_json(p) for p in sorted(out.glob(f"detect_{init}_{8 if smoke else scenes}_*.json"))]
+            found = out.glob(f"detect_{init}_{8 if smoke else scenes}_*.json")
+            rs = [read_json(p) for p in sorted(found)]
             cells += [cell([r[f"{k}_AP"] for r in rs]) for k in ("bbox", "segm")]
             cells += [str(v) for v in PAPER_TABLE3[init][2 * b:2 * b + 2]]
             splits.append(str(len(rs)))
@@ -578,7 +582,7 @@ PLANS = {"cifar-cpu": cifar_cpu, "gap": gap, "ablations": ablations, "detection"
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = cli.parser(__doc__, "experiments.py")
+    p = cli.parser(__doc__, "tools/experiments.py")
     p.add_argument("plan", choices=list(PLANS))
     p.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ (downloaded "
                    "there if absent)")
@@ -607,4 +611,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, "experiments.py")
+    cli.run(main, "tools/experiments.py")

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import augment
 import curves
 import linear_eval
 import train
@@ -32,7 +33,7 @@ def test_linear_eval_refuses_to_report_if_the_frozen_encoder_changed(trained, mo
     def moving_features(encoder, batches, info, rt):
         batches = list(batches)
         with torch.no_grad():
-            encoder.train()(linear_eval.data.standardize(batches[0][0], info.mean, info.std))
+            encoder.train()(augment.standardize(batches[0][0], info.mean, info.std))
         return features(encoder, batches, info, rt)
     monkeypatch.setattr(linear_eval, "stage_features", moving_features)
     with pytest.raises(RuntimeError, match="changed"):

@@ -1,9 +1,9 @@
 """Downstream: instance segmentation with a pre-trained encoder (the paper's Tables 2 and 3).
 
-    python detect.py runs/loco/ckpt.pt --train-scenes 1000 --split 0       # like COCO-10K
-    python detect.py runs/loco/ckpt.pt --train-scenes 100 --split 2        # like COCO-1K
-    python detect.py random --like runs/loco/ckpt.pt --train-scenes 100    # the random-init row
-    python detect.py runs/loco/ckpt.pt --coco-train IMAGES_DIR ANNOTATIONS.json \\
+    python -m tools.detect runs/loco/ckpt.pt --train-scenes 1000 --split 0       # like COCO-10K
+    python -m tools.detect runs/loco/ckpt.pt --train-scenes 100 --split 2        # like COCO-1K
+    python -m tools.detect random --like runs/loco/ckpt.pt --train-scenes 100    # the random-init row
+    python -m tools.detect runs/loco/ckpt.pt --coco-train IMAGES_DIR ANNOTATIONS.json \\
         --coco-val IMAGES_DIR ANNOTATIONS.json                              # real COCO
 
 A checkpoint of train.py becomes the backbone of torchvision's Mask R-CNN: its stages, then a
@@ -205,9 +205,10 @@ def as_detections(outputs: list[dict], image_ids: list[int]) -> list[dict]:
 def evaluate(net: MaskRCNN, images: list[torch.Tensor], gt: COCO, image_ids: list[int],
              batch: int = 16) -> dict[str, float]:
     net.eval()
-    outputs = []
+    outputs, device = [], next(net.parameters()).device
     for i in range(0, len(images), batch):
-        outputs += net([x.float() / 255 for x in images[i:i + batch]])
+        outputs += [{k: v.cpu() for k, v in o.items()}
+                    for o in net([x.to(device).float() / 255 for x in images[i:i + batch]])]
     return coco_scores(gt, as_detections(outputs, image_ids))
 
 
@@ -230,7 +231,9 @@ def fine_tune(net: MaskRCNN, images: list[torch.Tensor], targets: list[dict], it
         flip = torch.rand(batch, generator=g) < 0.5
         xs, ts = [], []
         for i, f in zip(idx, flip.tolist()):
-            x, t = images[i].float() / 255, dict(targets[i])
+            device = next(net.parameters()).device
+            x = images[i].to(device).float() / 255
+            t = {k: v.to(device) if torch.is_tensor(v) else v for k, v in targets[i].items()}
             if f:
                 w = x.shape[-1]
                 x, t["masks"] = x.flip(-1), t["masks"].flip(-1)
@@ -269,7 +272,7 @@ def refuse_overwrite(path: Path, source: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = cli.parser(__doc__, "detect.py")
+    p = cli.parser(__doc__, "tools/detect.py")
     p.add_argument("init", help="a ckpt.pt written by train.py, or 'random' (with --like)")
     p.add_argument("--like", default=None, help="random: the checkpoint whose encoder "
                    "(architecture, width, stem) to build untrained")
@@ -284,6 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=cli.positive(int), default=8)
     p.add_argument("--lr", type=cli.positive(float), default=0.02)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--out", default="runs/detect", help="directory for the result JSON")
     args = p.parse_args(argv)
     if args.init == "random" and not args.like:
@@ -297,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = cli.check_writable(args.out, "--out", is_dir=True)
     random_init = args.init == "random"
+    rt = runtime.setup(args.device, "fp32")   # float32: torchvision's detection heads, as tested
     torch.manual_seed(args.seed)
     encoder, ckpt = recipe.load_encoder(args.like if random_init else args.init,
                                         torch.device("cpu"), random_init)
@@ -319,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = out / f"detect_{init}_{name}_{args.split}.json"
     refuse_overwrite(path, source)
     net = detector(encoder, classes, size, not random_init, info.mean, info.std,
-                   fpn=256 if args.coco_train else 32, small=not args.coco_train)
+                   fpn=256 if args.coco_train else 32, small=not args.coco_train).to(rt.device)
     iterations = args.iterations or (240 if len(train_x) >= 1000 else 120)
     t = time.time()
     losses = fine_tune(net, train_x, train_t, iterations, args.batch, args.lr, args.seed)
@@ -331,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
               "minutes": round((time.time() - t) / 60, 2), "final_loss": float(np.mean(losses[-20:])),
               **{k: None if v is None else round(v, 2) for k, v in scores.items()},
               "args": {**vars(args), "out": cli.portable(args.out)},
-              "provenance": runtime.provenance()}
+              "provenance": runtime.provenance(rt)}
     print(f"{init}, {len(train_x)} training scenes, split {args.split}: "
           + " ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in scores.items()))
     cli.write_atomic(path, json.dumps(result, indent=2))
@@ -339,4 +344,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run(main, "detect.py")
+    cli.run(main, "tools/detect.py")

@@ -1,7 +1,7 @@
 """assignments.py: a student copy imports, its untouched tests pass, its graded tests fail with a
 NotImplementedError naming the assignment, no blanked line survives anywhere in it, and putting
-the solutions back makes the grades full. (The grading of assignments 3 and 4, minutes of tests,
-is run by hand: README, Course kit.)"""
+the solutions back makes the grades full. (With the solutions back, assignments 3 and 4 take
+minutes of tests: that grading is run by hand, README, A course kit)."""
 
 import json
 import shutil
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import assignments
+from tools import assignments
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,8 @@ def copy(tmp_path_factory):
 
 def test_the_student_copy_imports_and_its_untouched_tests_pass(copy):
     dest, _ = copy
-    modules = "import train, linear_eval, detect, experiments, benchmark, tsne, curves"
+    modules = ("import train, linear_eval, tsne, curves; "
+               "from tools import detect, experiments, benchmark")
     subprocess.run([sys.executable, "-c", modules], cwd=dest, check=True)
     for args in assignments.UNTOUCHED:
         passed, total, reason = assignments.run_tests(args, dest)
@@ -39,8 +40,10 @@ def test_no_blanked_line_survives_anywhere_in_the_copy(copy):
 
 
 def test_graded_tests_fail_naming_the_assignment_and_pass_with_the_solution_back(copy, tmp_path):
+    """No point is free: every grading test of assignments 1-4 fails in a fresh copy (a test
+    that calls no blanked function would pass there)."""
     dest, _ = copy
-    scores = assignments.grade([1, 2], dest)
+    scores = assignments.grade([1, 2, 3, 4], dest)
     assert all(p == 0 and t > 0 for p, t in scores.values()), scores
     passed, total, reason = assignments.run_tests(assignments.ASSIGNMENTS[1].tests, dest)
     assert "Assignment 1 (InfoNCE over 2N views)" in reason
@@ -54,7 +57,7 @@ def test_graded_tests_fail_naming_the_assignment_and_pass_with_the_solution_back
 
 def test_the_experiment_is_graded_by_the_shape_of_its_result_file(tmp_path):
     assert assignments.grade_experiment(tmp_path)[0] == 0
-    result = {"row": "GIM: 1 conv block", "command": "python experiments.py ablations",
+    result = {"row": "GIM: 1 conv block", "command": "python -m tools.experiments ablations",
               "linear_top1": 40.1, "knn_top1": 33, "paper_top1": 65.1,
               "explanation": " ".join(["word"] * 50)}
     (tmp_path / assignments.EXPERIMENT).write_text(json.dumps(result))
