@@ -106,31 +106,49 @@ def to_do(plan: Plan) -> list[Step]:
 
 
 def claim(step: Step) -> bool:
-    """Take a step for this process: a lock file beside its result, holding our pid. Another
-    sitting of the same plan (a second terminal) then leaves it alone; a lock whose process is
-    gone is taken over."""
-    lock = step.done.with_name(f".{step.done.name}.lock")
+    """Take a step for this process: a lock file beside its result, holding our pid and, once
+    it starts, the pid of the step's own process. Another sitting of the same plan (a second
+    terminal) leaves it alone while either lives; a lock whose processes are all gone is taken
+    over."""
+    lock = lock_of(step)
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                os.kill(int(lock.read_text() or 0), 0)
-                return False                     # its process is alive: not ours
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                lock.unlink(missing_ok=True)     # left by a process that is gone
-                continue
-            except PermissionError:
-                return False
+            if any(alive(pid) for pid in lock_pids(lock)):
+                return False                     # its sitting, or its orphaned step, runs
+            lock.unlink(missing_ok=True)         # left by processes that are gone
+            continue
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         return True
     return False
 
 
+def lock_of(step: Step) -> Path:
+    return step.done.with_name(f".{step.done.name}.lock")
+
+
+def lock_pids(lock: Path) -> list[int]:
+    try:
+        return [int(p) for p in lock.read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:              # another user's process: alive
+        return True
+
+
 def release(step: Step) -> None:
-    step.done.with_name(f".{step.done.name}.lock").unlink(missing_ok=True)
+    lock_of(step).unlink(missing_ok=True)
 
 
 def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = None,
@@ -201,7 +219,7 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
     if state["late"]:
         print("--minutes: out of time; run the same command again")
     left = to_do(plan)
-    busy = [s.name for s in left if s.done.with_name(f".{s.done.name}.lock").exists()]
+    busy = [s.name for s in left if lock_of(s).exists()]
     if busy:
         print(f"still running in another sitting: {', '.join(busy)}")
     return not left
@@ -226,8 +244,11 @@ def run_step(s: Step, deadline: float | None, log: Path, env: dict) -> None:
     with open(own, "a") as f:
         f.write(f"\n$ {' '.join(args)}\n")
         f.flush()
-        code = subprocess.run([PY, *args], stdout=f, stderr=subprocess.STDOUT, env=env,
-                              cwd=ROOT).returncode
+        child = subprocess.Popen([PY, *args], stdout=f, stderr=subprocess.STDOUT, env=env,
+                                 cwd=ROOT)
+        with open(lock_of(s), "a") as lock:  # the step's own pid: a sitting that dies leaves
+            lock.write(f" {child.pid}")      # its step running, and nobody starts it twice
+        code = child.wait()
     with open(log, "a") as f:
         f.write(f"{stamp(f'exit {code} after {(time.time() - t) / 60:.1f} min:')}\n")
     if code:
@@ -317,20 +338,25 @@ def figures(plan: Plan, out: Path, runs: list[Path]) -> None:
 # measured by cifar-cpu (SimCLR, GIM, LoCo at 12 epochs) are read from its committed results.
 # Minutes: training of one run with one thread, two runs side by side (--jobs 2).
 REFERENCE = ROOT / "results" / "cifar-cpu"
-GAP = [  # (hypothesis, run, flags, epochs, seeds, minutes); run in this order
+LOCAL = {"decoder": "none"}              # Sec. 5.1's decoders for GIM and LoCo: MLP only
+GAP = [  # (hypothesis, run, flags over the CPU protocol's, epochs, seeds, minutes); in this order
     # 1. the decoders: Sec. 5.1's MLP-only heads for local methods, or only on the top stage
-    (1, "loco_topnone", ["--method", "loco", "--top-decoder", "none"], 12, 2, 45),
-    (1, "loco_none", ["--method", "loco", "--decoder", "none"], 12, 2, 45),
-    # 3. schedule length: SimCLR at half and twice the protocol's epochs
-    (3, "simclr_e6", ["--method", "simclr"], 6, 1, 22),
-    (3, "simclr_e24", ["--method", "simclr"], 24, 1, 85),
+    (1, "loco_topnone", {"method": "loco", "top-decoder": "none"}, 12, 2, 33),
+    (1, "loco_none", {"method": "loco", **LOCAL}, 12, 2, 31),
+    # 2. each method's own learning rate: 3-epoch probes at lr 1, 2, 4, 8 (SimCLR's lr 4 came
+    # from such a sweep; GIM and LoCo were probed at lr 4 only)
+    *((2, f"{m}_lr{lr:g}_e3", {"method": m, "lr": lr, **({} if m == "simclr" else LOCAL)}, 3, 1,
+       8) for m in ("loco", "gim", "simclr") for lr in (1.0, 2.0, 4.0, 8.0)),
+    # 3. schedule length: every method at half and twice the protocol's 12 epochs
+    *((3, f"{m}_e{e}", {"method": m, **({} if m == "simclr" else LOCAL)}, e, 1, 2.7 * e)
+      for e in (6, 24) for m in ("simclr", "loco", "gim")),
 ]
 
 
 def gap(out: Path, args) -> tuple[Plan, list]:
     plan = Plan()
-    base = flags({**CPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 20,
-                  **(SMOKE if args.smoke else {})})
+    base = {**CPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 20,
+            **(SMOKE if args.smoke else {})}
     evalx = ["--data-dir", args.data_dir, *(["--subset", "200"] if args.smoke else [])]
     # a hypothesis's rows, seed 0 of every row before seed 1 of any, before the next hypothesis
     for hypothesis in sorted({row[0] for row in GAP}):
@@ -339,16 +365,21 @@ def gap(out: Path, args) -> tuple[Plan, list]:
                 if seed >= seeds:
                     continue
                 run = out / f"{name}_seed{seed}"
-                plan.train(run, [*base, *extra, "--seed", str(seed)], 1 if args.smoke else epochs,
-                           0.02 * minutes if args.smoke else minutes)
+                plan.train(run, [*flags({**base, **extra}), "--seed", str(seed)],
+                           1 if args.smoke else epochs, 0.02 * minutes if args.smoke else minutes)
                 plan.eval(run, 0.04 if args.smoke else 2, extra=evalx)
     ref = REFERENCE
-    rows = [("SimCLR (12 epochs)", ref / "simclr"), ("GIM", ref / "gim"),
+    rows = [("SimCLR", ref / "simclr"), ("GIM (block decoders)", ref / "gim"),
             ("GIM, MLP-only decoders", ref / "gim_none"), ("LoCo (block decoders)", ref / "loco"),
             ("LoCo, MLP-only decoders on the top stage", "loco_topnone"),
-            ("LoCo, MLP-only decoders", "loco_none"),
-            ("SimCLR, 6 epochs", "simclr_e6"), ("SimCLR, 24 epochs", "simclr_e24")]
-    return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
+            ("LoCo, MLP-only decoders", "loco_none")]
+    sweep = [(f"{TITLES[m]}, lr {lr:g}, 3 epochs", f"{m}_lr{lr:g}_e3") for m in TITLES
+             for lr in (1, 2, 4, 8)]
+    schedule = [(f"{TITLES[m]}, {e} epochs", f"{m}_e{e}") for m in TITLES for e in (6, 24)]
+    return plan, [("12 epochs: linear top-1 (%) by stage, CIFAR-10 test set",
+                   stage_table(out, rows)),
+                  ("Each method's learning rate (3 epochs, seed 0)", stage_table(out, sweep)),
+                  ("Schedule length (seed 0; 12 epochs: above)", stage_table(out, schedule))]
 
 
 # Tables 4 and 5 at a CPU scale: the CPU protocol for 2 epochs (half a warm-up epoch), linear
