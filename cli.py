@@ -15,6 +15,7 @@ import argparse
 import io
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -130,8 +131,13 @@ def save_figure(fig, path: str | Path) -> None:
     print(f"wrote {path}")
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt            # SIGTERM (a kill; torchrun stopping a job): as Ctrl-C
+
+
 def run(main, script: str) -> None:
     """Call main(); turn a user's mistake or an interrupt into one line and an exit code."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
     except UserError as e:

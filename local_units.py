@@ -92,11 +92,12 @@ def make_units(method: str, stage_of: list[int], top_unit: bool = True,
 
 
 def train_step(pieces: list[nn.Module], heads: nn.ModuleList, units: list[Unit],
-               x1: torch.Tensor, x2: torch.Tensor, tau: float) -> list[torch.Tensor]:
+               x1: torch.Tensor, x2: torch.Tensor, tau: float, group=None) -> list[torch.Tensor]:
     """Forward and backward of one step on two views (B, 3, H, W) each; returns every unit's loss.
 
     Gradients accumulate in the parameters' .grad. Zeroing them, averaging them across processes
-    and the optimizer step belong to the caller.
+    and the optimizer step belong to the caller. `group`: the processes whose views are negatives
+    (losses.py; None: all of them).
     """
     assert [u.last for u in units] == sorted(u.last for u in units), "units out of order"
     visits = {j: sum(u.first <= j <= u.last for u in units) for j in range(len(pieces))}
@@ -113,19 +114,29 @@ def train_step(pieces: list[nn.Module], heads: nn.ModuleList, units: list[Unit],
         graph[j] = (a, h)
         for u, head in zip(units, heads):
             if u.last == j:               # the unit's loss exists now: backpropagate it at once
-                losses.append(backward_unit(pieces, head, u, graph, held, visits, tau))
+                losses.append(backward_unit(pieces, head, u, graph, held, visits, tau, group))
     for head in filter(lambda head: head.tied is not None, heads):
         tie(pieces[head.tied_to], head.tied, head.tie_coef)   # soft sharing: copy to its stage
     return losses
 
 
-def backward_unit(pieces, head, u: Unit, graph: dict, held: dict, visits: dict, tau: float):
+def backward_unit(pieces, head, u: Unit, graph: dict, held: dict, visits: dict, tau: float,
+                  group=None):
     """Unit u's loss, through its head, then down its pieces, top to bottom."""
     top = graph[u.last][1].detach().requires_grad_()    # the head's own cut: its graph is its own
-    loss = info_nce(head(top), tau)
+    loss = info_nce(head(top), tau, group)
     loss.backward(inputs=[*head.parameters(), top])
-    g = top.grad                          # d loss_u / d (output of the unit's top piece)
-    for j in range(u.last, u.first - 1, -1):
+    carry(pieces, u, top.grad, u.last, u.first, graph, held, visits)  # top.grad: d loss_u / d top
+    return loss.detach()
+
+
+def carry(pieces, u: Unit, g: torch.Tensor, top: int, bottom: int, graph: dict, held: dict,
+          visits: dict, weights: dict | None = None, keep: frozenset = frozenset()):
+    """Unit u's gradient g at the output of piece `top`, down to piece `bottom`. Returns u's
+    gradient at bottom's input where u continues below bottom (a pipeline sends it to the process
+    below: pipeline.py), else None. `weights` and `keep`: pipeline.py's boundary piece, whose
+    weights are a copy and whose graph a late gradient still needs."""
+    for j in range(top, bottom - 1, -1):
         a, h = graph[j]
         if j in u.learns:                 # u's gradient joins the others' for piece j's weights
             held[j] = g if j not in held else held[j] + g
@@ -133,17 +144,18 @@ def backward_unit(pieces, head, u: Unit, graph: dict, held: dict, visits: dict, 
         last = visits[j] == 0             # every unit through piece j has delivered its part
         cross = j > u.first               # u continues below j: it needs d loss_u / d (j's input)
         alone = last and held.get(j) is g  # j's weights learn from u alone: one pass does both
-        params = [p for p in pieces[j].parameters() if p.requires_grad]
+        params = (weights or {}).get(j) or [p for p in pieces[j].parameters() if p.requires_grad]
         if cross and not alone:           # input only: u's gradient, to carry it to piece j-1
             torch.autograd.backward(h, g, inputs=[a], retain_graph=True)
         if last and j in held:            # the one weight pass of piece j, summed gradients
-            torch.autograd.backward(h, held.pop(j), inputs=params + ([a] if cross and alone else []))
-        if last:
+            torch.autograd.backward(h, held.pop(j), retain_graph=j in keep,
+                                    inputs=params + ([a] if cross and alone else []))
+        if last and j not in keep:
             del graph[j]                  # no unit needs piece j's graph again
         if cross:
             g, a.grad = a.grad, None      # carry u's gradient across the cut, and only u's
         # Below u.first this unit's gradient stops: the loop ends, and nothing carries it further.
-    return loss.detach()
+    return g if bottom > u.first else None
 
 
 @torch.no_grad()

@@ -24,10 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without a process group."""
+def world(group=None) -> tuple[int, int]:
+    """(rank, size) in the process group (None: all processes); (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
@@ -35,34 +35,35 @@ class Gather(torch.autograd.Function):
     """All-gather along dim 0, with a backward that returns every process's gradient for our rows."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        rank, size = world()
+    def forward(ctx, z: torch.Tensor, group) -> torch.Tensor:
+        rank, size = world(group)
         out = z.new_empty((size * z.shape[0], *z.shape[1:]))
-        dist.all_gather_single(out, z.contiguous())
-        ctx.rows = slice(rank * z.shape[0], (rank + 1) * z.shape[0])
+        dist.all_gather_single(out, z.contiguous(), group=group)
+        ctx.rows, ctx.group = slice(rank * z.shape[0], (rank + 1) * z.shape[0]), group
         return out                          # (size * n, D), process r's rows at r*n..(r+1)*n-1
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        dist.all_reduce(grad)               # sum of what every process's loss sends to each row
-        return grad[ctx.rows]
+        dist.all_reduce(grad, group=ctx.group)  # what every process's loss sends to each row
+        return grad[ctx.rows], None
 
 
-def gather(z: torch.Tensor) -> torch.Tensor:
-    return Gather.apply(z) if world()[1] > 1 else z
+def gather(z: torch.Tensor, group=None) -> torch.Tensor:
+    return Gather.apply(z, group) if world(group)[1] > 1 else z
 
 
-def info_nce(z: torch.Tensor, tau: float) -> torch.Tensor:
-    """Mean InfoNCE over this process's 2n views z (2n, D) = [view 1 of n images; view 2 of them]."""
+def info_nce(z: torch.Tensor, tau: float, group=None) -> torch.Tensor:
+    """Mean InfoNCE over this process's 2n views z (2n, D) = [view 1 of n images; view 2 of them];
+    the negatives are the views of every process in `group` (None: all processes)."""
     n2 = z.shape[0]
     assert n2 % 2 == 0, "z must hold two views of every image"
-    rank, _ = world()
+    rank, _ = world(group)
     # Similarities in float32 even under bf16 autocast: logits up to 1/tau = 10 leave bf16 with
     # about two significant digits, too coarse for a softmax over thousands of negatives.
     with torch.autocast(z.device.type, enabled=False):
         z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
-        everyone = gather(z)                                  # (world * 2n, D)
+        everyone = gather(z, group)                           # (world * 2n, D)
         logits = z @ everyone.T / tau                         # (2n, world * 2n)
         # Labels from the batch actually received, never from a nominal batch size.
         i = torch.arange(n2, device=z.device)

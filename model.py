@@ -303,6 +303,7 @@ def shufflenet_v2_50(width: float = 1.0, stem: str = "imagenet") -> StagedEncode
 
 ENCODERS = {"resnet18": resnet18, "resnet50": resnet50, "presnet50": presnet50,
             "shufflenet_v2_50": shufflenet_v2_50}
+STAGES = {"resnet18": 4, "resnet50": 4, "presnet50": 6, "shufflenet_v2_50": 4}   # len(.stages)
 
 
 def build_encoder(arch: str, width: float = 1.0, stem: str = "imagenet") -> StagedEncoder:

@@ -142,8 +142,8 @@ def build(cfg: dict, rt: Runtime, lr: float = 0.0) -> Run:
                                 (cfg.get("soft_coef") or SOFT_COEF) if sharing == "soft" else None,
                                 cfg.get("top_decoder"))
     for m in (encoder, heads):
-        if cfg.get("sync_bn") and rt.world > 1:
-            runtime.sync_batchnorm(m, rt.device)   # BatchNorm over the global batch
+        if cfg.get("sync_bn") and rt.data_world > 1:
+            runtime.sync_batchnorm(m, rt.device, rt.data_group)  # BatchNorm over the global batch
         m.to(rt.device, rt.dtype, memory_format=rt.memory_format)
     if cfg.get("compile"):
         runtime.compile_in_place([*encoder.stages, *heads])
@@ -162,7 +162,7 @@ def bad_tensor(state: dict) -> str | None:
     """The first tensor of a state dict that is NaN, infinite or beyond WEIGHT_LIMIT, named and
     said why; None if all are sound."""
     for name, t in state.items():
-        if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel() and not t.is_meta:
             if not torch.isfinite(t).all():
                 return f"{name} holds NaN or infinite values"
             biggest = t.abs().max().item()

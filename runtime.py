@@ -39,8 +39,25 @@ class Runtime:
     bf16: bool                   # bf16 autocast around forward and backward
     dtype: torch.dtype           # of weights and inputs: float32, or float64 to check exactness
     channels_last: bool          # activations and weights in NHWC
-    rank: int = 0
+    rank: int = 0                # this process, among all of the run's
     world: int = 1
+    stages: int = 1              # processes of the pipeline (pipeline.py): each holds stages
+    data_group: object = None    # the data-parallel group: None, all processes; a pipeline's,
+                                 # this process alone (data parallelism inside it is not built)
+
+    @property
+    def data_world(self) -> int:
+        """Processes that split the batch: the loss's negatives, BatchNorm, gradient averaging."""
+        return self.world // self.stages
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.stages
+
+    @property
+    def stage_rank(self) -> int:
+        """This process's place in the pipeline (0: reads the data, holds the first stages)."""
+        return self.rank % self.stages
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -62,7 +79,9 @@ class Runtime:
             torch.mps.synchronize()
 
     def __str__(self) -> str:
-        return (f"{self.world} process(es) on {self.device}, "
+        where = f"a pipeline of {self.stages} processes" if self.stages > 1 else \
+            f"{self.world} process(es)"
+        return (f"{where} on {self.device}, "
                 f"{'bf16 autocast' if self.bf16 else str(self.dtype).removeprefix('torch.')}, "
                 f"{'channels_last' if self.channels_last else 'contiguous'}")
 
@@ -115,9 +134,14 @@ def torchrun_env() -> tuple[int, int, int]:
 
 
 def setup(device: str | None = None, precision: str = "auto", memory_format: str = "auto",
-          distributed: bool = False) -> Runtime:
-    """The runtime of this process. distributed=True joins torchrun's process group if any."""
+          distributed: bool = False, pipeline: int = 1) -> Runtime:
+    """The runtime of this process. distributed=True joins torchrun's process group if any;
+    pipeline=P: the processes are the P groups of stages of one pipeline (pipeline.py)."""
     rank, world, local = torchrun_env() if distributed else (0, 1, 0)
+    if pipeline > 1 and world != pipeline:
+        raise UserError(f"--pipeline {pipeline} needs exactly {pipeline} processes (torchrun "
+                        f"--nproc_per_node {pipeline}), not {world}: data parallelism inside "
+                        f"the pipeline's groups is not built", flag=True)
     dev = pick_device(device, local, world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -128,29 +152,36 @@ def setup(device: str | None = None, precision: str = "auto", memory_format: str
     bf16 = native_bf16(dev) if precision == "auto" else precision == "bf16"
     nhwc = dev.type in ("cuda", "cpu") if memory_format == "auto" else memory_format == "channels_last"
     dtype = torch.float64 if precision == "fp64" else torch.float32
-    return Runtime(dev, bf16, dtype, nhwc, rank, world)
+    # A pipeline's processes hold different stages: each is its own data-parallel group of one,
+    # so the loss gathers no negatives and BatchNorm and the gradients sync with nobody.
+    group = dist.new_subgroups(group_size=1)[0] if pipeline > 1 else None
+    return Runtime(dev, bf16, dtype, nhwc, rank, world, pipeline, group)
 
 
 class AllReduce(torch.autograd.Function):
-    """Sum over processes; its backward sums the gradients, as every process's loss uses the sum."""
+    """Sum over a group's processes; its backward sums the gradients, as every process's loss
+    uses the sum."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
+    def forward(ctx, x: torch.Tensor, group=None) -> torch.Tensor:
+        x, ctx.group = x.clone(), group
+        dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm with statistics over every process's batch, where nn.SyncBatchNorm cannot run (it
     needs CUDA). Its all-reduce carries gradient back, so N processes normalise and differentiate
-    exactly as one process holding all N batches. Same parameters and buffers as BatchNorm."""
+    exactly as one process holding all N batches. Same parameters and buffers as BatchNorm.
+    `group`: the data-parallel processes (None: all)."""
+
+    group = None
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         pass
@@ -164,10 +195,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         with torch.autocast(x.device.type, enabled=False):
             h = x.to(torch.promote_types(x.dtype, self.weight.dtype))
             dims, shape = [0, *range(2, h.dim())], [1, -1] + [1] * (h.dim() - 2)
-            n = h.numel() // h.shape[1] * dist.get_world_size()
-            mean = AllReduce.apply(h.sum(dims)) / n                    # (C,), over all processes
+            n = h.numel() // h.shape[1] * dist.get_world_size(self.group)
+            mean = AllReduce.apply(h.sum(dims), self.group) / n        # (C,), over all processes
             # Two passes: E[x^2] - E[x]^2 in float32 loses enough digits to move gradients by 1e-2.
-            var = AllReduce.apply((h - mean.view(shape)).pow(2).sum(dims)) / n
+            var = AllReduce.apply((h - mean.view(shape)).pow(2).sum(dims), self.group) / n
             with torch.no_grad():
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
                 self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype),
@@ -178,26 +209,28 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
-def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+def sync_batchnorm(module: nn.Module, device: torch.device, group=None) -> nn.Module:
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, group)
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum)
             bn.load_state_dict(child.state_dict())
+            bn.group = group
             setattr(module, name, bn)
         else:
-            sync_batchnorm(child, device)
+            sync_batchnorm(child, device, group)
     return module
 
 
-def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
-    """Average every gradient over processes, once per step: LoCo backpropagates several losses
-    per step, so DDP's per-backward hooks would reduce too early or twice. One flat all-reduce."""
+def average_gradients(params: list[nn.Parameter], rt: Runtime) -> None:
+    """Average every gradient over the data-parallel processes, once per step: LoCo
+    backpropagates several losses per step, so DDP's per-backward hooks would reduce too early or
+    twice. One flat all-reduce."""
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
+    dist.all_reduce(flat, group=rt.data_group)
+    flat /= rt.data_world
     for g, f in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(f.view_as(g))
 

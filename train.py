@@ -3,6 +3,7 @@
     python train.py --method loco --width 0.25 --subset 8192 --epochs 3 --batch-size 256 --lr 2  # a first run
     python train.py --method loco                              # one process: CUDA, MPS or CPU
     torchrun --nproc_per_node=8 train.py --method loco         # 8 GPUs on one machine
+    torchrun --nproc_per_node=2 train.py --method loco --pipeline 2   # 2 processes, 2 stages each
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         train.py --method loco                                 # the same on each of 2 machines
 
@@ -40,6 +41,7 @@ import decoders
 import local_units as L
 import model
 import recipe
+import pipeline
 import runtime
 from cli import UserError
 
@@ -93,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="several processes: BatchNorm statistics over the global batch, as one "
                         "process computes them (SimCLR's global BN); without, each process "
                         "normalises its own slice and the saved running statistics are rank 0's")
+    m.add_argument("--pipeline", type=pos(int), default=1,
+                   help="model parallel: the stages in P groups, one per process (pipeline.py); "
+                        "run with torchrun --nproc_per_node P")
+    m.add_argument("--pipeline-mode", default=None, choices=pipeline.MODES,
+                   help="sync: the exact step; async: the straddling unit's gradient one step "
+                        "late, no waiting; default: async for gim and loco, sync for simclr")
     m.add_argument("--compile", action="store_true", help="torch.compile each stage and head")
     m.add_argument("--workers", type=nonneg(int), default=8, help="DataLoader workers (imagefolder)")
     o = p.add_argument_group("output")
@@ -103,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="minutes: stop after the epoch in which they run out (continue with --resume)")
     args = p.parse_args(argv)
     recipe.check(vars(args))             # flags that contradict each other, before any work
+    pipeline.check(vars(args), model.STAGES[args.arch])
     args.out = args.out or f"runs/{args.method}"
     return args
 
@@ -120,7 +129,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.resume and not ckpt_path.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt_path} (leave --resume out to start)",
                         flag=True)
-    rt = runtime.setup(args.device, args.precision, args.memory_format, distributed=True)
+    rt = runtime.setup(args.device, args.precision, args.memory_format, distributed=True,
+                       pipeline=args.pipeline)
     try:
         train(args, rt, out, ckpt_path)
     except KeyboardInterrupt:
@@ -139,10 +149,12 @@ def train(args: argparse.Namespace, rt: runtime.Runtime, out: Path, ckpt_path: P
     """The run: data, model and optimizer, resume, then the loop with a checkpoint every epoch."""
     torch.manual_seed(args.seed)
 
-    # Data: every process gets its slice of the same global batch (data.py).
+    # Data: every data-parallel process gets its slice of the same global batch (data.py); in a
+    # pipeline, the first process reads it all.
     try:
-        loader = data.pretrain_loader(args.dataset, args.data_dir, args.batch_size, args.seed,
-                                      rt.device, rt.rank, rt.world, args.workers, subset=args.subset)
+        loader = (data.pretrain_loader(args.dataset, args.data_dir, args.batch_size, args.seed,
+                                       rt.device, rt.data_rank, rt.data_world, args.workers,
+                                       subset=args.subset) if rt.stage_rank == 0 else None)
     except data.MissingData as e:
         raise data.MissingData(f"{e}, or train without data: --dataset synthetic") from None
     tau = args.tau if args.tau is not None else data.DATASETS[args.dataset].tau
@@ -151,11 +163,18 @@ def train(args: argparse.Namespace, rt: runtime.Runtime, out: Path, ckpt_path: P
     base_lr = recipe.base_lr(vars(args))
     run = recipe.build(vars(args), rt, base_lr)
     names = unit_names(run)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = pipeline.steps_per_epoch(loader, rt)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
     start_epoch = resume(args, run, ckpt_path) if args.resume else 0
+    pipe = None                              # model parallel: this process's stages (pipeline.py)
+    if rt.stages > 1:
+        pipe = pipeline.build(run, rt, vars(args), data.DATASETS[args.dataset].size, tau,
+                              pipeline.seconds_per_batch(loader))
+        if args.resume:
+            pipeline.restore_pending(run, pipe, recipe.load_checkpoint(ckpt_path).get(
+                "pipeline_pending", {}))
     log = Log(out / "log.csv", names, start_epoch * steps_per_epoch, args.batch_size, rt,
               ckpt_path)
     if rt.rank == 0:
@@ -169,23 +188,29 @@ def train(args: argparse.Namespace, rt: runtime.Runtime, out: Path, ckpt_path: P
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
         run.encoder.train(), run.heads.train()
-        for x1, x2 in loader.epoch(epoch):
+        for x1, x2 in pipeline.batches(loader, epoch, steps_per_epoch):
             lr = recipe.lr_at(step, base_lr, warmup_steps, total_steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            with rt.autocast():
-                losses = L.train_step(run.pieces, run.heads, run.units, rt.prepare(x1),
-                                      rt.prepare(x2), tau)
-            if rt.world > 1:                 # data parallel: one all-reduce of every gradient
-                runtime.average_gradients(run.params, rt.world)
+            if pipe:                         # model parallel: this process's pieces and units
+                losses = pipe.step(x1, x2, tau)
+            else:
+                with rt.autocast():
+                    losses = L.train_step(run.pieces, run.heads, run.units, rt.prepare(x1),
+                                          rt.prepare(x2), tau, rt.data_group)
+                if rt.data_world > 1:        # data parallel: one all-reduce of every gradient
+                    runtime.average_gradients(run.params, rt)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             step += 1
             log.add(epoch, step, lr, losses, total_steps,
                     last=step % args.log_every == 0 or step == (epoch + 1) * steps_per_epoch)
+        if pipe:
+            pipe.drain()                     # the last batch's late gradient, kept for resume
         check_weights(run, epoch, ckpt_path)
+        state = pipeline.gather(run, pipe) if pipe else run_state(run)
         if rt.rank == 0:
-            save_checkpoint(run, epoch, step, args, rt, ckpt_path)
+            save_checkpoint(state, epoch, step, args, rt, ckpt_path)
         if time.time() > deadline and epoch + 1 < args.epochs:
             print(f"--time-limit: stopped after epoch {epoch + 1} of {args.epochs}; "
                   f"continue with the same command and --resume", flush=True)
@@ -253,9 +278,9 @@ class Log:
         if not last:
             return
         logged = torch.stack([p[3] for p in self.pending])   # (steps, units): one sync
-        if self.rt.world > 1:
+        if self.rt.world > 1:            # data parallel: the mean; a pipeline: each unit's own
             dist.all_reduce(logged)
-            logged /= self.rt.world
+            logged /= self.rt.data_world
         logged = logged.cpu()
         if not torch.isfinite(logged).all():
             bad = [n for n, ok in zip(self.names, torch.isfinite(logged).all(0)) if not ok]
@@ -299,15 +324,20 @@ def recorded(args: argparse.Namespace) -> dict:
     return {**vars(args), "data_dir": cli.portable(args.data_dir), "out": cli.portable(args.out)}
 
 
-def save_checkpoint(run: recipe.Run, epoch: int, step: int, args: argparse.Namespace,
+def run_state(run: recipe.Run) -> dict:
+    return {"encoder": run.encoder.state_dict(), "heads": run.heads.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "units": [[u.first, u.last] for u in run.units],
+            "stage_of": run.stage_of}
+
+
+def save_checkpoint(state: dict, epoch: int, step: int, args: argparse.Namespace,
                     rt: runtime.Runtime, path: Path) -> None:
-    """Written whole or not at all (cli.write_atomic): a crash or a full disk mid-write leaves
-    the previous checkpoint, and a full disk says so."""
+    """The run's state (run_state, or pipeline.gather: the same keys), written whole or not at
+    all (cli.write_atomic): a crash or a full disk mid-write leaves the previous checkpoint, and
+    a full disk says so."""
     buffer = io.BytesIO()
-    torch.save({"encoder": run.encoder.state_dict(), "heads": run.heads.state_dict(),
-                "optimizer": run.optimizer.state_dict(), "epoch": epoch, "step": step,
-                "config": recorded(args), "units": [[u.first, u.last] for u in run.units],
-                "stage_of": run.stage_of, "provenance": runtime.provenance(rt)}, buffer)
+    torch.save({**state, "epoch": epoch, "step": step, "config": recorded(args),
+                "provenance": runtime.provenance(rt)}, buffer)
     try:
         cli.write_atomic(path, buffer.getvalue())
     except OSError as e:

@@ -1,0 +1,233 @@
+"""pipeline.py: model-parallel LoCo on gloo processes, held to one process's step.
+
+sync equals local_units.train_step's parameters after 3 steps to 1e-10 in float64 (SimCLR, GIM,
+LoCo on 2 and 4 processes; PResNet-50's 6 stages on 3), and in bf16 with channels_last the
+tensors that cross look the same; GIM async equals GIM sync exactly; LoCo async equals a
+one-process reference, written here loss by loss, that applies the straddling unit's gradient
+to the boundary stage one step late. Each matrix runs in one launch of its processes."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import local_units as L
+import pipeline
+import recipe
+import runtime
+from conftest import TINY, free_port
+from conftest import state as saved
+from losses import info_nce
+
+ROOT = Path(__file__).resolve().parents[1]
+TAU, LR, STEPS = 0.5, 0.1, 3
+ARCH = {"resnet18": ("cifar10", 32), "presnet50": ("imagefolder", 64)}
+
+
+def build(cfg: dict, rt: runtime.Runtime) -> recipe.Run:
+    arch = cfg.get("arch", "resnet18")
+    torch.manual_seed(0)
+    return recipe.build({"arch": arch, "width": 0.125, "dataset": ARCH[arch][0],
+                         **{k: v for k, v in cfg.items() if k not in ("groups", "mode", "arch")}},
+                        rt, LR)
+
+
+def batches(cfg: dict, dtype=torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    size = ARCH[cfg.get("arch", "resnet18")][1]
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 4, 3, size, size, generator=g).to(dtype).unbind(0)
+            for _ in range(STEPS)]
+
+
+def worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) -> None:
+    """One process of the pipeline: every configuration, STEPS steps each; rank 0 saves the
+    whole state (pipeline.gather) of each."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    try:
+        group = dist.new_subgroups(group_size=1)[0]
+        for k, cfg in enumerate(cfgs):
+            bf16 = cfg.get("bf16", False)
+            rt = runtime.Runtime(torch.device("cpu"), bf16, torch.float32 if bf16 else
+                                 torch.float64, bf16, rank, world, world, group)
+            run = build(cfg, rt)
+            pipe = pipeline.build(run, rt, {"method": cfg["method"], "pipeline": world,
+                                            "pipeline_mode": cfg["mode"]}, 0, TAU,
+                                  groups=[range(a, b) for a, b in cfg["groups"]])
+            for x1, x2 in batches(cfg, rt.dtype):
+                pipe.step(x1, x2, TAU)
+                pipe.optimizer.step()
+                pipe.optimizer.zero_grad(set_to_none=True)
+            pipe.drain()
+            state = pipeline.gather(run, pipe)
+            if rank == 0:
+                torch.save(state, f"{out}/{k}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(world: int, cfgs: list[dict], tmp_path: Path) -> list[dict]:
+    mp.spawn(worker, args=(world, free_port(), cfgs, str(tmp_path)), nprocs=world)
+    return [torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in range(len(cfgs))]
+
+
+def one_process(cfg: dict, bf16: bool = False) -> recipe.Run:
+    """The reference: local_units.train_step and LARS on one process, the same steps."""
+    rt = runtime.Runtime(torch.device("cpu"), bf16, torch.float32 if bf16 else torch.float64, bf16)
+    run = build(cfg, rt)
+    for x1, x2 in batches(cfg, rt.dtype):
+        with rt.autocast():
+            L.train_step(run.pieces, run.heads, run.units, rt.prepare(x1), rt.prepare(x2), TAU)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return run
+
+
+def assert_same(state: dict, run: recipe.Run, tol: float = 1e-10) -> None:
+    for part, module in (("encoder", run.encoder), ("heads", run.heads)):
+        ref = module.state_dict()
+        assert state[part].keys() == ref.keys(), part
+        for k, v in ref.items():
+            got = state[part][k].to(v.dtype)
+            assert (got - v).double().norm() <= tol * v.double().norm() + 1e-12, f"{part}.{k}"
+
+
+SYNC2 = [{"method": m, "mode": "sync", "groups": [(0, 2), (2, 4)]} for m in L.METHODS]
+ASYNC2 = [{"method": m, "mode": "async", "groups": [(0, 2), (2, 4)]} for m in ("gim", "loco")]
+
+
+def test_two_processes_sync_equal_one_process_and_gim_async_equals_gim_sync(tmp_path):
+    bf16 = {"method": "loco", "mode": "sync", "groups": [(0, 2), (2, 4)], "bf16": True}
+    states = launch(2, [*SYNC2, *ASYNC2, bf16], tmp_path)
+    for cfg, state in zip(SYNC2, states):
+        assert_same(state, one_process(cfg))
+    gim_sync, gim_async = states[1], states[3]
+    for part in ("encoder", "heads"):
+        assert all(torch.equal(gim_sync[part][k], v) for k, v in gim_async[part].items())
+    # bf16 activations and gradients cross in channels_last: the same step as one process's
+    assert_same(states[-1], one_process(bf16, bf16=True), tol=1e-3)
+    # and async LoCo is the one-step-late reference below
+    assert_same(states[4], one_step_late(ASYNC2[1]))
+
+
+def test_four_processes_sync_equal_one_process(tmp_path):
+    cfgs = [{"method": m, "mode": "sync", "groups": [(k, k + 1) for k in range(4)]}
+            for m in L.METHODS]
+    for cfg, state in zip(cfgs, launch(4, cfgs, tmp_path)):
+        assert_same(state, one_process(cfg))
+
+
+def test_presnet50s_six_stages_on_three_processes_sync_equal_one_process(tmp_path):
+    cfgs = [{"method": m, "mode": "sync", "arch": "presnet50", "groups": [(0, 2), (2, 4), (4, 6)]}
+            for m in L.METHODS]
+    for cfg, state in zip(cfgs, launch(3, cfgs, tmp_path)):
+        assert_same(state, one_process(cfg))
+
+
+def one_step_late(cfg: dict) -> recipe.Run:
+    """Async LoCo on two processes, [S1 S2 | S3 S4], written loss by loss: at every step each
+    unit's loss is differentiated, attached end to end, with respect to the parameters it
+    learns, at the step's weights; every gradient is applied at once except the straddling
+    unit's (S2-S3) on S2, the boundary stage, which is applied at the next step."""
+    rt = runtime.Runtime(torch.device("cpu"), False, torch.float64, False)
+    run = build(cfg, rt)
+    params = run.params
+    late = {}                                    # S2's parameter -> the straddling unit's grad
+    for x1, x2 in batches(cfg):
+        outputs, h = [], torch.cat([x1, x2])
+        for piece in run.pieces:
+            h = piece(h)
+            outputs.append(h)
+        total = {p: torch.zeros_like(p) for p in params}
+        now = {}
+        for u, head in zip(run.units, run.heads):
+            own = [p for j in sorted(u.learns) for p in run.pieces[j].parameters()]
+            own += list(head.parameters())
+            loss = info_nce(head(outputs[u.last]), TAU)
+            for p, g in zip(own, torch.autograd.grad(loss, own, retain_graph=True)):
+                straddling, boundary = (u.first, u.last) == (1, 2), any(
+                    p is q for q in run.pieces[1].parameters())
+                if straddling and boundary:
+                    now[p] = g                   # S2's share of the S2-S3 unit: next step
+                else:
+                    total[p] += g
+        for p, g in late.items():
+            total[p] += g
+        late = now
+        for p in params:
+            p.grad = total[p]
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return run
+
+
+def test_placement_balances_measured_costs_and_async_cuts_only_where_units_start():
+    costs = [4.0, 1.0, 1.0, 1.0, 1.0, 4.0]
+    assert pipeline.place(costs, 2, list(range(5))) == [range(0, 3), range(3, 6)]
+    assert pipeline.place(costs, 3, list(range(5))) == [range(0, 1), range(1, 5), range(5, 6)]
+    even = [1.0] * 6                             # the first process also augments: it holds less
+    assert pipeline.place(even, 2, list(range(5))) == [range(0, 3), range(3, 6)]
+    assert pipeline.place(even, 2, list(range(5)), first=2.0) == [range(0, 2), range(2, 6)]
+    loco = L.make_units("loco", [0, 1, 1, 2, 2, 3, 3], sharing="1block")   # S1 | S2a S2b | ...
+    assert pipeline.cuts(loco, 7, "sync") == list(range(6))
+    # async: a unit crossing the cut must start just below it; S2a-S3a crosses S2b|S3a from S2a
+    assert pipeline.cuts(loco, 7, "async") == [0, 1, 3, 5]
+    assert pipeline.cuts(L.make_units("gim", [0, 1, 2, 3]), 4, "async") == [0, 1, 2]
+
+
+KILLED = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import cli, train
+if os.environ["RANK"] == "1":                # killed in the second epoch (4 steps an epoch)
+    add, calls = train.Log.add, []
+    def dying(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return add(self, *a, **k)
+    train.Log.add = dying
+cli.run(train.main, "train.py")
+"""
+
+
+def torchrun(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master-port", str(free_port()), script, *argv],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_killed_process_ends_the_pipeline_and_resume_continues_it_exactly(tmp_path):
+    """Async LoCo on two processes (float64). A process killed mid-epoch ends the job with one
+    line from the other; the last checkpoint loads like any other; resumed with the same flags,
+    the run ends bit for bit where an uninterrupted one does (the epoch's pending late gradient
+    is in the checkpoint)."""
+    args = [*TINY, "--method", "loco", "--epochs", "2", "--pipeline", "2", "--precision", "fp64"]
+    straight = torchrun("train.py", [*args, "--out", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED.format(repo=str(ROOT)))
+    t = time.time()
+    killed = torchrun(str(script), [*args, "--out", str(tmp_path / "resumed")])
+    assert killed.returncode != 0 and time.time() - t < 120
+    # the other process stops in its next message (the peer is gone) or at torchrun's SIGTERM,
+    # whichever comes first, and says in one line what is saved
+    said = [line for line in killed.stderr.splitlines() if line.startswith("train.py: ")]
+    assert len(said) == 1 and "holds epoch 0" in said[0] and "--resume" in said[0], said
+    ckpt = recipe.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    assert ckpt["epoch"] == 0 and ckpt["pipeline_pending"]       # a late gradient, kept
+    encoder, _ = recipe.load_encoder(str(tmp_path / "resumed" / "ckpt.pt"), torch.device("cpu"))
+    resumed = torchrun("train.py", [*args, "--out", str(tmp_path / "resumed"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = saved(tmp_path / "straight"), saved(tmp_path / "resumed")
+    for part in ("encoder", "heads"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert (tmp_path / "straight" / "log.csv").read_text() == \
+        (tmp_path / "resumed" / "log.csv").read_text()                # every unit's loss
