@@ -4,6 +4,7 @@
     python -m tools.benchmark memory    # Table 7: peak memory of one step, simclr vs gim vs loco
     python -m tools.benchmark speed     # time per step of each method over SimCLR's, and from FLOPs
     python -m tools.benchmark train     # images/s: the step alone, our loop, the usual pipeline
+    python -m tools.benchmark pipeline  # model parallel: images/s on 2 processes, by mode (quiet)
     python -m tools.benchmark all --out benchmark.json
 
 Activation memory is counted, not sampled: `SavedBytes` watches every tensor autograd saves for
@@ -16,9 +17,12 @@ train.py would use there (runtime.py; --precision and --memory-format override),
 device: a CPU timing is a CPU figure, never a GPU one.
 """
 
+import argparse
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -206,6 +210,162 @@ def speed_table(rt: runtime.Runtime, steps: int = 10, configs=None) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- model parallel
+# The pipeline table (README, Model parallel): (encoder, stem, width, batch, size) on 2 processes
+PIPELINE_CONFIGS = [("resnet18", "cifar", 0.25, 256, 32), ("presnet50", "imagenet", 1.0, 8, 224)]
+SETTINGS = [  # (name, processes, threads each, mode)
+    ("1 process x 1 thread", 1, 1, None), ("1 process x 2 threads", 1, 2, None),
+    ("data parallel 2 x 1 thread", 2, 1, "data"), ("pipeline 2 x 1 sync", 2, 1, "sync"),
+    ("pipeline 2 x 1 async", 2, 1, "async")]
+
+
+def pipeline_worker(cfg: dict, out: str) -> None:
+    """One process of a timed run (under torchrun, or alone): `steps` steps on pre-made views
+    after 2 of warm-up; the first process writes images/s and every process's compute, idle,
+    bytes sent per step, and the peak of its counted memory, to `out`."""
+    import torch.distributed as dist
+    import pipeline
+    P = cfg["processes"] if cfg["mode"] in ("sync", "async") else 1
+    rt = runtime.setup(None, cfg.get("precision", "auto"), "auto", distributed=True, pipeline=P)
+    torch.set_num_threads(cfg["threads"])
+    run = build(cfg["arch"], cfg["method"], rt, cfg["stem"], cfg["width"])
+    batch = cfg["batch"] // rt.data_world
+    x1, x2 = views(batch, cfg["size"], rt)
+    pipe = None
+    if P > 1:
+        pipe = pipeline.build(run, rt, {"method": cfg["method"], "pipeline": P,
+                                        "pipeline_mode": cfg["mode"], "batch_size": cfg["batch"]},
+                              cfg["size"], 0.1, groups=[range(a, b) for a, b in cfg["groups"]])
+
+    def one() -> None:
+        if pipe:
+            pipe.step(x1, x2, 0.1)
+        else:
+            with rt.autocast():
+                L.train_step(run.pieces, run.heads, run.units, rt.prepare(x1), rt.prepare(x2),
+                             0.1, rt.data_group)
+            if rt.data_world > 1:
+                runtime.average_gradients(run.params, rt)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        one()
+    if pipe:
+        pipe.stats.update(compute_s=0.0, idle_s=0.0, bytes_sent=0, steps=0)
+    if rt.world > 1:
+        dist.barrier()
+    t = time.perf_counter()
+    for _ in range(cfg["steps"]):
+        one()
+    if rt.world > 1:
+        dist.barrier()
+    seconds = (time.perf_counter() - t) / cfg["steps"]
+    with SavedBytes() as mem:            # two more steps, counted: async's held graph included
+        one(), one()
+    own = [q for q in run.params if not q.is_meta]
+    mine = {"compute_ms": 1000 * (pipe.stats["compute_s"] / pipe.stats["steps"]) if pipe else
+            1000 * seconds, "idle_ms": 1000 * pipe.stats["idle_s"] / pipe.stats["steps"] if pipe
+            else 0.0, "kB_sent": pipe.stats["bytes_sent"] / pipe.stats["steps"] / 1e3 if pipe
+            else 0.0, "params_MiB": sum(q.numel() * q.element_size() for q in own) / 2 ** 20,
+            "activations_MiB": mem.peak / 2 ** 20,
+            "pieces": [pipe.mine.start, pipe.mine.stop] if pipe else None}
+    every = [None] * rt.world if rt.rank == 0 else None
+    if rt.world > 1:
+        dist.gather_object(mine, every, dst=0)
+    else:
+        every = [mine]
+    if rt.rank == 0:
+        cli.write_atomic(out, json.dumps({"images_per_s": cfg["batch"] / seconds,
+                                          "processes": every}))
+    runtime.shutdown()
+
+
+def stage_seconds(arch: str, stem: str, width: float, batch: int, size: int, method: str,
+                  rt: runtime.Runtime) -> list[float]:
+    """Each stage's step time (forward, its passes, its heads) on one thread: the projection's
+    input."""
+    import pipeline
+    torch.set_num_threads(1)
+    run = build(arch, method, rt, stem, width)
+    x = rt.prepare(torch.cat(views(batch, size, rt)))
+    costs = pipeline.piece_costs(run, x, 0.1, rt, repeats=3)
+    return [sum(c for c, k in zip(costs, run.stage_of) if k == s) for s in range(run.stage_of[-1] + 1)]
+
+
+def projection(stages: list[float], devices: int) -> dict:
+    """Speed-up over one device of the best contiguous placement of stages on `devices`, per
+    mode, from per-stage times (a projection: transfers and the straddling unit's own wait are
+    left out). Local (async LoCo, GIM): a step takes the slowest group's time. SimCLR, sync:
+    every stage waits for the ones above, so groups run one after another: no speed-up."""
+    import pipeline
+    groups = pipeline.place(stages, devices, list(range(len(stages) - 1)))
+    slowest = max(sum(stages[j] for j in g) for g in groups)
+    return {"groups": [[g.start + 1, g.stop] for g in groups],
+            "local_speedup": round(sum(stages) / slowest, 2),
+            "bubble": round(1 - sum(stages) / (devices * slowest), 2)}
+
+
+def pipeline_table(steps: int, configs=None, methods=("loco", "gim")) -> dict:
+    """images/s of each setting of SETTINGS on this machine's 2 cores, each in its own
+    processes; then the projection for K devices from per-stage times."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import pipeline
+    out = {}
+    for arch, stem, width, batch, size in configs or PIPELINE_CONFIGS:
+        key = f"{arch}_x{width}_{stem}_b{batch}"
+        out[key] = {}
+        for method in methods:
+            cpu = runtime.Runtime(torch.device("cpu"), runtime.native_bf16(torch.device("cpu")),
+                                  torch.float32, True)
+            stages = stage_seconds(arch, stem, width, batch, size, method, cpu)
+            groups = pipeline.place(stages, 2, list(range(len(stages) - 1)))   # one placement
+            rows = {}
+            for name, procs, threads, mode in SETTINGS:
+                cfg = {"arch": arch, "stem": stem, "width": width, "batch": batch, "size": size,
+                       "method": method, "processes": procs, "threads": threads, "mode": mode,
+                       "steps": steps, "groups": [[g.start, g.stop] for g in groups]}
+                with tempfile.TemporaryDirectory() as tmp:
+                    result = Path(tmp) / "r.json"
+                    launcher = ([sys.executable, "-m", "torch.distributed.run",
+                                 f"--nproc_per_node={procs}", "--master-port",
+                                 str(free_port())] if procs > 1 else [sys.executable])
+                    subprocess.run([*launcher, "-m", "tools.benchmark", "pipeline-worker",
+                                    "--config", json.dumps(cfg), "--out", str(result)],
+                                   check=True, cwd=cli.ROOT, capture_output=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                    rows[name] = json.loads(result.read_text())
+            base = rows[SETTINGS[0][0]]["images_per_s"]
+            for r in rows.values():
+                r["vs_1_thread"] = round(r["images_per_s"] / base, 2)
+            out[key][method] = {"settings": rows, "stage_ms": [round(1000 * s, 1) for s in stages],
+                                "projection": {k: projection(stages, k)
+                                               for k in range(2, len(stages) + 1)}}
+            print(f"\n{arch} x{width} ({stem}), batch {batch} at {size}x{size}, {method}:")
+            print("setting                        images/s   vs 1 thread   per process: compute / "
+                  "idle ms per step, kB sent, params MiB, activations MiB")
+            for name, r in rows.items():
+                per = "; ".join(f"{p['compute_ms']:.0f}/{p['idle_ms']:.0f}, {p['kB_sent']:.0f}, "
+                                f"{p['params_MiB']:.2f}, {p['activations_MiB']:.1f}"
+                                for p in r["processes"])
+                print(f"{name:<30} {r['images_per_s']:>8.0f}   {r['vs_1_thread']:>10.2f}x   {per}")
+            print("stage ms (1 thread): " + ", ".join(map(str, out[key][method]["stage_ms"])))
+            for k, pr in out[key][method]["projection"].items():
+                print(f"projection, {k} devices: stages {pr['groups']}, local speed-up "
+                      f"{pr['local_speedup']}x, bubble {pr['bubble']}")
+    return out
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class TorchvisionViews(torch.utils.data.Dataset):
     """The usual SimCLR pipeline, for comparison: PIL images, torchvision's transforms applied one
     image at a time in DataLoader workers (as SimCLR's and most contrastive codebases' loaders)."""
@@ -283,7 +443,9 @@ def train_table(rt: runtime.Runtime, data_dir: str, dataset: str = "cifar10",
 
 def main(argv: list[str] | None = None) -> dict:
     p = cli.parser(__doc__, "tools/benchmark.py")
-    p.add_argument("what", choices=["stages", "memory", "speed", "train", "all"])
+    p.add_argument("what", choices=["stages", "memory", "speed", "train", "pipeline", "all",
+                                    "pipeline-worker"])
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS)
     p.add_argument("--memory-format", default="auto", choices=runtime.MEMORY_FORMATS)
@@ -302,6 +464,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "each: checks that the code runs, measures nothing")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
+    if args.what == "pipeline-worker":   # one process of the pipeline table's runs
+        return pipeline_worker(json.loads(args.config), args.out)
     if args.out:
         cli.check_writable(args.out, "--out")
     rt = runtime.setup(args.device, args.precision, args.memory_format)
@@ -323,6 +487,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                                     "train" else None),
                                        smoke.get("steps", args.steps), args.workers,
                                        smoke.get("width", 0.0))
+    if args.what == "pipeline":
+        results["pipeline"] = pipeline_table(smoke.get("steps", args.steps),
+                                             smoke.get("configs"))
     if args.out:
         cli.write_atomic(args.out, json.dumps(results, indent=2))
     return results

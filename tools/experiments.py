@@ -3,6 +3,7 @@ prints its table, and that continues where it stopped when run again.
 
     python -m tools.experiments cifar-cpu --data-dir data      # Table 1 on CIFAR-10, 2 CPU cores
     python -m tools.experiments gap --data-dir data --jobs 2   # what closes LoCo's gap to SimCLR
+    python -m tools.experiments pipeline --data-dir data       # async model parallel's accuracy
     python -m tools.experiments ablations --data-dir data      # Tables 4 and 5 at a CPU scale
     python -m tools.experiments detection                      # Table 3 in miniature (no download)
     python -m tools.experiments gpu --data-dir data            # every GPU figure (README, Not measured)
@@ -48,9 +49,11 @@ class Step:
 class Plan:
     steps: list[Step] = field(default_factory=list)
 
-    def train(self, run: Path, flags: list[str], epochs: int, minutes: float) -> None:
-        self.steps.append(Step(f"train {run.name}", ["train.py", *flags, "--epochs", str(epochs),
-                                                     "--out", str(run)],
+    def train(self, run: Path, flags: list[str], epochs: int, minutes: float,
+              launcher: list[str] = ()) -> None:
+        """`launcher`: what starts train.py, e.g. torchrun's module and its flags."""
+        self.steps.append(Step(f"train {run.name}", [*launcher, "train.py", *flags, "--epochs",
+                                                     str(epochs), "--out", str(run)],
                                run / "ckpt.pt", minutes, epochs))
 
     def eval(self, run: Path, minutes: float, random: bool = False, extra: list[str] = ()) -> None:
@@ -382,6 +385,28 @@ def gap(out: Path, args) -> tuple[Plan, list]:
                   ("Schedule length (seed 0; 12 epochs: above)", stage_table(out, schedule))]
 
 
+# Model parallel (README, Model parallel): the accuracy cost of async's one-step-late gradient.
+# LoCo as the gap study trains it (MLP-only decoders), async on a pipeline of 2 processes (one
+# thread each), against the same configuration on one process, which sync equals (tests).
+GAP_RESULTS = ROOT / "results" / "gap"
+
+
+def pipeline_plan(out: Path, args) -> tuple[Plan, list]:
+    plan = Plan()
+    base = flags({**CPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 20,
+                  "method": "loco", **LOCAL, "pipeline": 2, **(SMOKE if args.smoke else {})})
+    evalx = ["--data-dir", args.data_dir, *(["--subset", "200"] if args.smoke else [])]
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port", "29531"]
+    for seed in range(args.seeds):
+        run = out / f"loco_async_seed{seed}"
+        plan.train(run, [*base, "--seed", str(seed)], 1 if args.smoke else CPU_EPOCHS,
+                   0.5 if args.smoke else 30, launcher=torchrun)
+        plan.eval(run, 0.04 if args.smoke else 2, extra=evalx)
+    rows = [("LoCo, one process (= sync)", GAP_RESULTS / "loco_none"),
+            ("LoCo, async pipeline of 2", "loco_async")]
+    return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
+
+
 # Tables 4 and 5 at a CPU scale: the CPU protocol for 2 epochs (half a warm-up epoch), linear
 # probe on the first 10,000 training images, the full test set. A run: key -> (flags, seeds: two
 # for the rows that decide the paper's claims, and for the unit layout).
@@ -608,8 +633,8 @@ def final_table(out: Path, rows: list[tuple[str, str, float | None]]) -> str:
     return "\n".join(lines)
 
 
-PLANS = {"cifar-cpu": cifar_cpu, "gap": gap, "ablations": ablations, "detection": detection,
-         "gpu": gpu}
+PLANS = {"cifar-cpu": cifar_cpu, "gap": gap, "pipeline": pipeline_plan, "ablations": ablations,
+         "detection": detection, "gpu": gpu}
 
 
 def main(argv: list[str] | None = None) -> None:
