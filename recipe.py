@@ -136,7 +136,7 @@ def build(cfg: dict, rt: Runtime, lr: float = 0.0) -> Run:
         raise UserError(f"--width {cfg['width']:g}: {e}", flag=True) from None
     pieces, stage_of = L.make_pieces(encoder.stages, sharing)
     units = L.make_units(method, stage_of, cfg.get("top_unit", True), sharing)
-    decoder = cfg.get("decoder") or ("none" if method == "simclr" else "block")
+    decoder = cfg.get("decoder") or "none"   # Sec. 5.1: MLP-only decoders, the local ones too
     heads = decoders.make_heads(encoder.stages, pieces, stage_of, units, decoder,
                                 cfg.get("mlp_layers", 2),
                                 (cfg.get("soft_coef") or SOFT_COEF) if sharing == "soft" else None,

@@ -36,13 +36,16 @@ VARIANTS = {
     "loco, sharing 2 blocks": {"method": "loco", "sharing": "2blocks"},
     "loco, soft sharing": {"method": "loco", "sharing": "soft", "soft_coef": 1e-2},
     "simclr, 1 conv block, 4-layer MLP": {"method": "simclr", "decoder": "block", "mlp_layers": 4},
-    "gim, no conv": {"method": "gim", "decoder": "none"},
+    "gim, one conv block": {"method": "gim", "decoder": "block"},
     "gim, 2 conv blocks": {"method": "gim", "decoder": "2blocks"},
     "gim, block without downsampling": {"method": "gim", "decoder": "block-nods"},
     "gim, one stage": {"method": "gim", "decoder": "stage"},
     "gim, full network": {"method": "gim", "decoder": "full"},
-    "loco, MLP-only decoders on the top stage": {"method": "loco", "top_decoder": "none"},
-    "gim, MLP-only decoder on the top stage": {"method": "gim", "top_decoder": "none"},
+    "loco, one conv block": {"method": "loco", "decoder": "block"},
+    "loco, MLP-only decoders on the top stage": {"method": "loco", "decoder": "block",
+                                                 "top_decoder": "none"},
+    "gim, MLP-only decoder on the top stage": {"method": "gim", "decoder": "block",
+                                               "top_decoder": "none"},
 }
 
 
@@ -328,12 +331,16 @@ def test_decoders_have_the_depth_table_4_describes():
     assert all(p is not q for p, q in zip(deep.parameters(), stages[1].parameters()))
 
 
+BLOCK = {"decoder": "block"}
+
+
 @pytest.mark.parametrize("cfg,blocks", [
-    ({"method": "loco", "top_decoder": "none"}, [True, True, False, False]),   # heads on S2 S3 S4 S4
-    ({"method": "loco", "top_decoder": "none", "top_unit": False}, [True, True, False]),
-    ({"method": "gim", "top_decoder": "none"}, [True, True, True, False]),     # heads on S1..S4
-    ({"method": "loco", "decoder": "none", "top_decoder": "block"}, [False, False, True, True]),
-    ({"method": "loco", "sharing": "soft", "top_decoder": "none"}, [True, True, False, False]),
+    ({"method": "loco", **BLOCK, "top_decoder": "none"}, [True, True, False, False]),  # S2 S3 S4 S4
+    ({"method": "loco", **BLOCK, "top_decoder": "none", "top_unit": False}, [True, True, False]),
+    ({"method": "gim", **BLOCK, "top_decoder": "none"}, [True, True, True, False]),    # S1..S4
+    ({"method": "loco", "top_decoder": "block"}, [False, False, True, True]),   # default: none
+    ({"method": "loco", **BLOCK, "sharing": "soft", "top_decoder": "none"}, [True, True, False,
+                                                                             False]),
 ])
 def test_top_decoder_changes_the_heads_that_read_the_top_stage_and_no_other(cfg, blocks):
     """--top-decoder: the heads whose features come from the top stage (soft sharing: from their

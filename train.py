@@ -58,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--arch", default="resnet18", choices=list(model.ENCODERS))
     what.add_argument("--width", type=pos(float), default=1.0, help="channel multiplier")
     what.add_argument("--decoder", default=None, choices=decoders.DECODERS,
-                      help="conv layers of every decoder (Table 4); default: none for simclr, "
-                           "block for gim and loco")
+                      help="conv layers of every decoder (Table 4); default: none, pooling and a "
+                           "2-layer MLP, as Sec. 5.1 gives every method in Table 1 (the paper's "
+                           "ablations, Tables 4 and 5, use block)")
     what.add_argument("--top-decoder", default=None, choices=decoders.DECODERS[:4],
                       help="GIM and LoCo: conv layers of the decoders on the top stage; default: "
                            "those of --decoder")
@@ -110,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--time-limit", type=pos(float), default=None,
                    help="minutes: stop after the epoch in which they run out (continue with --resume)")
     args = p.parse_args(argv)
+    args.decoder = args.decoder or "none"   # recorded as it is (the default has changed once)
     recipe.check(vars(args))             # flags that contradict each other, before any work
     pipeline.check(vars(args), model.STAGES[args.arch])
     args.out = args.out or f"runs/{args.method}"
@@ -234,6 +236,8 @@ def resume(args: argparse.Namespace, run: recipe.Run, ckpt_path: Path) -> int:
     before = dict(ckpt["config"])
     if before.get("sharing") != "soft":  # runs of before soft_coef's default became None
         before["soft_coef"] = None
+    if before.get("decoder") is None:    # recorded before the default was written out: then
+        before["decoder"] = "none" if before["method"] == "simclr" else "block"   # GIM, LoCo
     diff = {k: (before.get(k), v) for k, v in vars(args).items()
             if k not in RESUMABLE and before.get(k) != v}
     if diff:

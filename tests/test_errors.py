@@ -284,7 +284,7 @@ def test_resume_may_change_only_where_and_how_a_run_is_reported(tmp_path, capsys
     assert state(tmp_path / "run")["epoch"] == 1
     for flag, value in [("--tau", "0.2"), ("--warmup-epochs", "1"), ("--weight-decay", "0"),
                         ("--no-sync-bn", None), ("--seed", "1"),
-                        ("--precision", "bf16"), ("--decoder", "none")]:
+                        ("--precision", "bf16"), ("--decoder", "block")]:
         extra = [flag] + ([value] if value else [])
         with pytest.raises(cli.UserError, match=flag.replace("--no-", "--")):
             train.main([*TINY, "--epochs", "3", "--out", run, "--resume", *extra])

@@ -245,3 +245,18 @@ def test_a_process_that_fails_ends_the_whole_job_at_once_with_one_line_each(tmp_
     assert "train.py: error: rank 0: another process of this run stopped" in job.stderr
     assert "No checkpoint was written yet" in job.stderr
     assert "[rank0]: Traceback" not in job.stderr and "[rank1]: Traceback" not in job.stderr
+
+
+def test_a_run_of_the_old_default_decoder_resumes_with_it_and_only_with_it(tmp_path):
+    """GIM's and LoCo's default decoder was one conv block until Sec. 5.1's MLP-only became the
+    default; their checkpoints recorded no decoder. Resuming one needs --decoder block."""
+    run = tmp_path / "run"
+    train.main([*TINY, "--method", "loco", "--decoder", "block", "--epochs", "1", "--out", str(run)])
+    ckpt = state(run)
+    ckpt["config"]["decoder"] = None                 # as the old default recorded it
+    torch.save(ckpt, run / "ckpt.pt")
+    with pytest.raises(UserError, match="--decoder block \\(now none\\)"):
+        train.main([*TINY, "--method", "loco", "--epochs", "2", "--out", str(run), "--resume"])
+    train.main([*TINY, "--method", "loco", "--decoder", "block", "--epochs", "2", "--out",
+                str(run), "--resume"])
+    assert state(run)["epoch"] == 1
