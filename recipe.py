@@ -172,6 +172,17 @@ def bad_tensor(state: dict) -> str | None:
     return None
 
 
+def upgraded(cfg: dict) -> dict:
+    """A configuration as older checkpoints recorded it, in today's terms: soft_coef was
+    recorded whatever the sharing, and no decoder meant one conv block for GIM and LoCo."""
+    cfg = dict(cfg)
+    if cfg.get("sharing", "stage") != "soft":
+        cfg["soft_coef"] = None
+    if cfg.get("decoder") is None:
+        cfg["decoder"] = "none" if cfg["method"] == "simclr" else "block"
+    return cfg
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by train.py, on the CPU; anything else is refused with one line."""
     path = Path(path)
@@ -185,6 +196,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or not {"config", "encoder", "heads", "epoch"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint written by train.py "
                         f"(it needs 'config', 'encoder', 'heads' and 'epoch')")
+    ckpt["config"] = upgraded(ckpt["config"])
     for part in ("encoder", "heads"):
         bad = bad_tensor(ckpt[part])
         if bad:

@@ -233,11 +233,7 @@ def unit_names(run: recipe.Run) -> list[str]:
 def resume(args: argparse.Namespace, run: recipe.Run, ckpt_path: Path) -> int:
     """Load the run's checkpoint; refuse one of another configuration. Returns the next epoch."""
     ckpt = recipe.load_checkpoint(ckpt_path)
-    before = dict(ckpt["config"])
-    if before.get("sharing") != "soft":  # runs of before soft_coef's default became None
-        before["soft_coef"] = None
-    if before.get("decoder") is None:    # recorded before the default was written out: then
-        before["decoder"] = "none" if before["method"] == "simclr" else "block"   # GIM, LoCo
+    before = ckpt["config"]              # in today's terms (recipe.upgraded)
     diff = {k: (before.get(k), v) for k, v in vars(args).items()
             if k not in RESUMABLE and before.get(k) != v}
     if diff:
