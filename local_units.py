@@ -114,20 +114,24 @@ def train_step(pieces: list[nn.Module], heads: nn.ModuleList, units: list[Unit],
         graph[j] = (a, h)
         for u, head in zip(units, heads):
             if u.last == j:               # the unit's loss exists now: backpropagate it at once
-                losses.append(backward_unit(pieces, head, u, graph, held, visits, tau, group))
+                losses.append(backward_unit(pieces, head, u, graph, held, visits, tau, group)[0])
     for head in filter(lambda head: head.tied is not None, heads):
         tie(pieces[head.tied_to], head.tied, head.tie_coef)   # soft sharing: copy to its stage
     return losses
 
 
 def backward_unit(pieces, head, u: Unit, graph: dict, held: dict, visits: dict, tau: float,
-                  group=None):
-    """Unit u's loss, through its head, then down its pieces, top to bottom."""
+                  group=None, bottom: int | None = None, weights: dict | None = None,
+                  keep: frozenset = frozenset()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unit u's loss, through its head, then down its pieces, top to bottom (carry). Returns the
+    loss, detached, and where a pipeline stops the unit at its process's lowest piece `bottom`,
+    the gradient that continues below it (pipeline.py: weights, keep)."""
     top = graph[u.last][1].detach().requires_grad_()    # the head's own cut: its graph is its own
     loss = info_nce(head(top), tau, group)
     loss.backward(inputs=[*head.parameters(), top])
-    carry(pieces, u, top.grad, u.last, u.first, graph, held, visits)  # top.grad: d loss_u / d top
-    return loss.detach()
+    below = carry(pieces, u, top.grad, u.last, u.first if bottom is None else bottom, graph,
+                  held, visits, weights, keep)        # top.grad: d loss_u / d (output of u.last)
+    return loss.detach(), below
 
 
 def carry(pieces, u: Unit, g: torch.Tensor, top: int, bottom: int, graph: dict, held: dict,

@@ -199,6 +199,8 @@ class Pipeline:
         self.above = crossing(units, hi - 1) if self.p < self.P - 1 else []  # from p+1
         self.below = crossing(units, lo - 1) if self.p > 0 else []           # to p-1
         self.late = mode == "async" and bool(self.above)   # the top piece takes late gradients
+        # the pieces whose input takes a gradient: a unit continues below them
+        self.crossed = {j for j in self.mine if any(u.first < j <= u.last for u in units)}
         for j, piece in enumerate(run.pieces):           # hold only this group's pieces, heads
             if j not in self.mine:
                 piece.to("meta")
@@ -254,7 +256,7 @@ class Pipeline:
             for j in self.mine:
                 # the stop-gradient of local learning, as in local_units.train_step; at lo it
                 # is also where the process below ends
-                a = h.detach().requires_grad_(any(u.first < j <= u.last for u in units))
+                a = h.detach().requires_grad_(j in self.crossed)
                 with torch.set_grad_enabled(visits[j] > 0 or j in keep):
                     if j in keep:         # async: the top piece on a copy of its weights
                         copy = {n: q.detach().clone().requires_grad_()
@@ -263,7 +265,7 @@ class Pipeline:
                         h = functional_call(run.pieces[j], copy, (a,))
                     else:
                         h = run.pieces[j](a)
-                graph[j] = (a, h)
+                graph[j] = a, h               # its input and output, until spent
                 if j == hi - 1 and self.p < self.P - 1:
                     self._send(h.detach(), self.p + 1, FORWARD)
                 for i in self.local:
@@ -289,20 +291,22 @@ class Pipeline:
         return losses
 
     def _unit(self, i: int, graph, held, visits, weights, keep, tau) -> torch.Tensor:
-        """Unit i's loss through its head, then down this process's pieces."""
-        u, head = self.run.units[i], self.run.heads[i]
-        top = graph[u.last][1].detach().requires_grad_()
-        loss = info_nce(head(top), tau, self.rt.data_group)
-        loss.backward(inputs=[*head.parameters(), top])
-        self._down(i, top.grad, u.last, graph, held, visits, weights, keep)
-        return loss.detach()
+        """Unit i's loss through its head, then down this process's pieces; on to p-1 if it
+        continues below them."""
+        u = self.run.units[i]
+        loss, below = L.backward_unit(self.run.pieces, self.run.heads[i], u, graph, held, visits,
+                                      tau, self.rt.data_group, max(u.first, self.mine.start),
+                                      weights, keep)
+        if below is not None:
+            self._send(below, self.p - 1, BACKWARD)
+        return loss
 
-    def _down(self, i: int, g: torch.Tensor, top: int, graph, held, visits, weights=None,
-              keep=frozenset()) -> None:
-        """Carry unit i's gradient down this process's pieces; on to p-1 if it continues."""
-        u, lo = self.run.units[i], self.mine.start
-        below = L.carry(self.run.pieces, u, g, top, max(u.first, lo), graph, held, visits,
-                        weights, keep)
+    def _down(self, i: int, g: torch.Tensor, top: int, graph, held, visits) -> None:
+        """Carry the gradient of unit i from p+1 down this process's pieces; on to p-1 if it
+        continues."""
+        u = self.run.units[i]
+        below = L.carry(self.run.pieces, u, g, top, max(u.first, self.mine.start), graph, held,
+                        visits)
         if below is not None:
             self._send(below, self.p - 1, BACKWARD)
 

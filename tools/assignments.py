@@ -59,13 +59,18 @@ ASSIGNMENTS = {
         unit's top piece has run, call backward_unit for it. Count for every piece how many units
         pass through it (`visits`), keep each piece's (input, output) in `graph` until no unit
         needs it, and apply the soft-sharing tie at the end. Return every unit's loss.""",
-        "local_units.py:backward_unit": """Backpropagate unit u's loss: through its head (with a
-        cut of its own), then down its pieces from u.last to u.first, carrying the gradient across
-        each cut by hand and no further. A piece's weight gradient is linear in its output
-        gradient: hold each learning unit's part in `held` and run ONE weight pass per piece, when
-        the last unit through it has delivered; run an input-only pass only where u continues
-        below the piece (merged into the weight pass when u alone trains it). Free a piece's graph
-        after its last use. Return the loss, detached."""},
+        "local_units.py:backward_unit": """Backpropagate unit u's loss through its head, with a
+        cut of its own (the head's input detached), then hand its gradient to carry, from u.last
+        down to u.first (or to `bottom`, where a pipeline's process ends). Return the loss,
+        detached, and what carry returns.""",
+        "local_units.py:carry": """Carry unit u's gradient g down its pieces from `top` to
+        `bottom`, across each cut by hand and no further. A piece's weight gradient is linear in
+        its output gradient: hold each learning unit's part in `held` and run ONE weight pass per
+        piece, when the last unit through it has delivered (`visits`); run an input-only pass
+        only where u continues below the piece (merged into the weight pass when u alone trains
+        it). Free a piece's graph after its last use (unless in `keep`; `weights` replaces a
+        piece's parameters). Return u's gradient at bottom's input if u continues below bottom,
+        else None."""},
         ["test_loco.py", "-k", "reaches_exactly or lower_stage_would or upper_grad_only_still or "
                                "reference or weight_gradient_once or costs_exactly or "
                                "forward_once or peak_activation"]),

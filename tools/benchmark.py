@@ -101,12 +101,15 @@ def seconds_per_call(fn, rt: runtime.Runtime, calls: int, warmup: int = 2) -> fl
 
 
 def build(arch: str, method: str, rt: runtime.Runtime, stem: str = "imagenet",
-          width: float = 1.0) -> recipe.Run:
-    """The run train.py builds for this method and encoder, on rt (seeded: same weights)."""
+          width: float = 1.0, decoder: str | None = None) -> recipe.Run:
+    """The run train.py builds for this method and encoder, on rt (seeded: same weights). The
+    memory and speed tables keep the decoders they were measured with: one conv block for GIM
+    and LoCo (Tables 4-5's, this repository's default then); `decoder` overrides."""
     torch.manual_seed(0)
     dataset = "cifar10" if stem == "cifar" else "imagefolder"
-    return recipe.build({"method": method, "arch": arch, "width": width, "dataset": dataset}, rt,
-                        lr=0.1)
+    decoder = decoder or ("none" if method == "simclr" else "block")
+    return recipe.build({"method": method, "arch": arch, "width": width, "dataset": dataset,
+                         "decoder": decoder}, rt, lr=0.1)
 
 
 def step(run: recipe.Run, x1: torch.Tensor, x2: torch.Tensor, tau: float,
@@ -126,14 +129,15 @@ def views(batch: int, size: int, rt: runtime.Runtime) -> tuple[torch.Tensor, tor
     return x[0], x[1]
 
 
-def memory_table(archs: list[str], batch: int, size: int, rt: runtime.Runtime) -> dict:
+def memory_table(archs: list[str], batch: int, size: int, rt: runtime.Runtime,
+                 width: float = 1.0) -> dict:
     """Peak memory of one training step: counted saved bytes, and on CUDA the allocator's peak."""
     out = {}
     cuda = rt.device.type == "cuda"
     for arch in archs:
         out[arch] = {}
         for method in L.METHODS:
-            run = build(arch, method, rt)
+            run = build(arch, method, rt, width=width)
             x1, x2 = views(batch, size, rt)
             step(run, x1, x2, 0.1, rt)   # warm-up: optimizer state, cuDNN workspaces, allocator
             rt.sync()
@@ -228,7 +232,7 @@ def pipeline_worker(cfg: dict, out: str) -> None:
     P = cfg["processes"] if cfg["mode"] in ("sync", "async") else 1
     rt = runtime.setup(None, cfg.get("precision", "auto"), "auto", distributed=True, pipeline=P)
     torch.set_num_threads(cfg["threads"])
-    run = build(cfg["arch"], cfg["method"], rt, cfg["stem"], cfg["width"])
+    run = build(cfg["arch"], cfg["method"], rt, cfg["stem"], cfg["width"], "none")
     batch = cfg["batch"] // rt.data_world
     x1, x2 = views(batch, cfg["size"], rt)
     pipe = None
@@ -287,7 +291,7 @@ def stage_seconds(arch: str, stem: str, width: float, batch: int, size: int, met
     input."""
     import pipeline
     torch.set_num_threads(1)
-    run = build(arch, method, rt, stem, width)
+    run = build(arch, method, rt, stem, width, "none")
     x = rt.prepare(torch.cat(views(batch, size, rt)))
     costs = pipeline.piece_costs(run, x, 0.1, rt, repeats=3)
     return [sum(c for c, k in zip(costs, run.stage_of) if k == s) for s in range(run.stage_of[-1] + 1)]
@@ -478,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.what in ("memory", "all"):
         batch = smoke.get("batch") or args.batch or (64 if rt.device.type == "cuda" else 2)
         results["memory"] = memory_table(["resnet50", "presnet50"], batch,
-                                         smoke.get("size", args.size), rt)
+                                         smoke.get("size", args.size), rt, smoke.get("width", 1.0))
     if args.what in ("speed", "all"):
         results["speed"] = speed_table(rt, smoke.get("steps", args.steps), smoke.get("configs"))
     if args.what in ("train", "all"):
