@@ -55,14 +55,13 @@ def test_a_bf16_channels_last_step_gives_the_fp32_losses_and_gradients(method, t
     gradient lost or sent to the wrong stage moves a stage's gradient by 50% or more, so 25%
     separates the two. The encoder is a trained one: at initialisation every image maps to nearly
     the same z, the loss's gradient is a small difference of large terms, and bf16 resolves only
-    half of it. So are the heads: SimCLR's is the trained LoCo run's top head (one conv block on
-    the top stage, as `--decoder block` builds it); with an untrained head its lowest stage moved
-    by 33% on the AMX Xeon."""
+    half of it. So are the heads: SimCLR's is the trained LoCo run's top head (pooling and the
+    MLP, SimCLR's own decoder); with an untrained head its lowest stage moved by 33% on the AMX
+    Xeon."""
     torch.manual_seed(0)
     cpu = runtime.Runtime(torch.device("cpu"), False, torch.float32, False)
-    decoder = {"simclr": {"decoder": "block"}, "loco": {}}[method]
     run = recipe.build({"method": method, "arch": "resnet18", "width": 0.125,
-                        "dataset": "synthetic", **decoder}, cpu)
+                        "dataset": "synthetic"}, cpu)
     encoder, heads, units = run.encoder, run.heads, run.units
     encoder.load_state_dict(state(trained)["encoder"])
     trained_heads = state(trained)["heads"]           # LoCo's four, the last on the top stage
@@ -77,7 +76,8 @@ def test_a_bf16_channels_last_step_gives_the_fp32_losses_and_gradients(method, t
     l16, g16 = one_step(encoder, heads, units, views, bf16=True)
     assert ((l16 - l32).abs() / l32).max() < 1e-2, (l16, l32)
     errors = [((a - b).norm() / b.norm()).item() for a, b in zip(g16, g32)]
-    assert max(errors) < 0.25, errors
+    stages = len(encoder.stages)         # the heads' MLPs on trained features: up to 23% here
+    assert max(errors[:stages]) < 0.25 and max(errors[stages:]) < 0.4, errors
 
 
 def test_a_short_bf16_channels_last_run_lowers_every_units_loss(tmp_path):
