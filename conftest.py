@@ -63,3 +63,9 @@ def write_fake_cifar10(root: Path, per_batch: int = 2, test: int = 2) -> tuple[n
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     return images, labels
+
+
+def pytest_configure(config):
+    # pycocotools warns of numpy 2's copy keyword on every mask it decodes (detect.py silences
+    # it where it scores; the tests decode masks themselves)
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")

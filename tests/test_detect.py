@@ -96,6 +96,7 @@ def test_one_iteration_through_a_coco_format_dataset(trained, scenes, tmp_path, 
                    for i in range(len(images))], "annotations": anns, "categories": cats}))
     coco = [str(tmp_path), str(tmp_path / "ann.json")]
     result = detect.main([str(trained / "ckpt.pt"), "--coco-train", *coco, "--coco-val", *coco,
-                          "--iterations", "1", "--batch", "2", "--out", str(tmp_path / "out")])
+                          "--iterations", "1", "--batch", "2", "--fpn", "16",
+                          "--out", str(tmp_path / "out")])
     assert result["train_scenes"] == len(images) and result["iterations"] == 1
     assert (tmp_path / "out" / "detect_loco_coco_0.json").exists()

@@ -45,7 +45,8 @@ def test_a_failing_step_names_the_step_and_the_log(tmp_path):
 def test_the_gpu_plan_runs_every_step_in_smoke_mode(tmp_path, capsys):
     write_fake_cifar10(tmp_path / "data", per_batch=60, test=200)
     out = tmp_path / "gpu"
-    args = ["gpu", "--smoke", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    args = ["gpu", "--smoke", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+            "--jobs", "2"]
     experiments.main(args)
     printed = capsys.readouterr().out
     assert "expected: SimCLR" in printed and "benchmark" in printed

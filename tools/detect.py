@@ -287,6 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=cli.positive(int), default=8)
     p.add_argument("--lr", type=cli.positive(float), default=0.02)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fpn", type=cli.positive(int), default=None,
+                   help="FPN and head channels; default: 256 on COCO (the paper's), 32 on the "
+                        "synthetic scenes")
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
     p.add_argument("--out", default="runs/detect", help="directory for the result JSON")
     args = p.parse_args(argv)
@@ -324,7 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
     path = out / f"detect_{init}_{name}_{args.split}.json"
     refuse_overwrite(path, source)
     net = detector(encoder, classes, size, not random_init, info.mean, info.std,
-                   fpn=256 if args.coco_train else 32, small=not args.coco_train).to(rt.device)
+                   fpn=args.fpn or (256 if args.coco_train else 32),
+                   small=not args.coco_train).to(rt.device)
     iterations = args.iterations or (240 if len(train_x) >= 1000 else 120)
     t = time.time()
     losses = fine_tune(net, train_x, train_t, iterations, args.batch, args.lr, args.seed)
