@@ -353,9 +353,9 @@ GAP = [  # (hypothesis, run, flags over the CPU protocol's, epochs, seeds, minut
     (1, "loco_topnone", {"method": "loco", "top-decoder": "none"}, 12, 2, 33),
     (1, "loco_none", {"method": "loco", **LOCAL}, 12, 2, 31),
     # 2. each method's own learning rate: 3-epoch probes at lr 1, 2, 4, 8 (SimCLR's lr 4 came
-    # from such a sweep; GIM and LoCo were probed at lr 4 only)
+    # from such a sweep; GIM and LoCo were probed at lr 4 only), and 16: LoCo still rose at 8
     *((2, f"{m}_lr{lr:g}_e3", {"method": m, "lr": lr, **({} if m == "simclr" else LOCAL)}, 3, 1,
-       8) for m in ("loco", "gim", "simclr") for lr in (1.0, 2.0, 4.0, 8.0)),
+       8) for m in ("loco", "gim", "simclr") for lr in (1.0, 2.0, 4.0, 8.0, 16.0)),
     # 3. schedule length: every method at half and twice the protocol's 12 epochs
     *((3, f"{m}_e{e}", {"method": m, **({} if m == "simclr" else LOCAL)}, e, 1, 2.7 * e)
       for e in (6, 24) for m in ("simclr", "loco", "gim")),
@@ -383,7 +383,7 @@ def gap(out: Path, args) -> tuple[Plan, list]:
             ("LoCo, MLP-only decoders on the top stage", "loco_topnone"),
             ("LoCo, MLP-only decoders", "loco_none")]
     sweep = [(f"{TITLES[m]}, lr {lr:g}, 3 epochs", f"{m}_lr{lr:g}_e3") for m in TITLES
-             for lr in (1, 2, 4, 8)]
+             for lr in (1, 2, 4, 8, 16)]
     schedule = [(f"{TITLES[m]}, {e} epochs", f"{m}_e{e}") for m in TITLES for e in (6, 24)]
     return plan, [("12 epochs: linear top-1 (%) by stage, CIFAR-10 test set",
                    stage_table(out, rows)),
