@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tools import detect
+from tools import detect, experiments
 import shapes
 
 
@@ -49,6 +49,18 @@ def test_perfect_predictions_score_ap_100_and_none_score_0(scenes):
     assert detect.coco_scores(gt, shifted)["bbox_AP"] < 1
     assert detect.coco_scores(gt, []) == {f"{k}_{m}": 0.0 for k in ("bbox", "segm")
                                           for m in ("AP", "AP50", "AP75")}
+
+
+def test_nothing_to_score_is_none_not_zero(scenes):
+    """COCO's -1 (no ground truth of that kind to score) is not an AP of 0: it is written as
+    None, and the tables show n/a."""
+    images, targets = scenes
+    empty = [{**t, "boxes": t["boxes"][:0], "labels": t["labels"][:0], "masks": t["masks"][:0]}
+             for t in targets]
+    gt = detect.coco_ground_truth(empty, images.shape[-2:])
+    scores = detect.coco_scores(gt, perfect(targets))
+    assert all(v is None for v in scores.values()), scores
+    assert experiments.cell([None, None]) == "n/a" and experiments.cell([None, 50.0]) == "50.0"
 
 
 def tiny_detector(trained, freeze=True):
