@@ -117,3 +117,26 @@ def test_a_step_that_ends_without_its_result_stops_the_plan_instead_of_running_a
     plan.other("forgetful step", ["-c", "pass"], tmp_path / "never.json", 0.01)
     with pytest.raises(experiments.cli.UserError, match="ended without writing .*never.json"):
         experiments.execute(plan, None, tmp_path / "log.txt")
+
+
+def test_the_per_unit_gradients_of_tools_gradients_sum_to_the_steps():
+    """tools/gradients.py reads each unit's pull on a stage alone: summed over the units, the
+    gradients are the step's own (float64), so the cosines it prints are of the real parts."""
+    import torch
+
+    import local_units
+    import recipe
+    import runtime
+    from tools import gradients
+    torch.manual_seed(0)
+    rt = runtime.Runtime(torch.device("cpu"), False, torch.float64, False)
+    run = recipe.build({"method": "loco", "arch": "resnet18", "width": 0.125,
+                        "dataset": "cifar10"}, rt)
+    x1, x2 = torch.randn(2, 4, 3, 32, 32, dtype=torch.float64).unbind(0)
+    per_unit = gradients.unit_gradients(run, torch.cat([x1, x2]), 0.5)
+    local_units.train_step(run.pieces, run.heads, run.units, x1, x2, 0.5)
+    for j, piece in enumerate(run.pieces):
+        step = torch.cat([p.grad.flatten() for p in piece.parameters() if p.dim() > 1])
+        summed = sum(g for (i, k), g in per_unit.items() if k == j)
+        assert (summed - step).norm() <= 1e-10 * step.norm(), j
+    assert sorted({i for i, _ in per_unit}) == [0, 1, 2, 3]
