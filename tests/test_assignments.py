@@ -49,10 +49,9 @@ def test_graded_tests_fail_naming_the_assignment_and_pass_with_the_solution_back
     assert "Assignment 1 (InfoNCE over 2N views)" in reason
     solved = tmp_path / "solved"
     shutil.copytree(dest, solved)
-    for file in ("losses.py", "local_units.py"):
-        shutil.copy(assignments.HERE / file, solved / file)
-    scores = assignments.grade([1, 2], solved)
-    assert all(p == t for p, t in scores.values()), scores
+    shutil.copy(assignments.HERE / "losses.py", solved / "losses.py")
+    passed, total = assignments.grade([1], solved)[1]
+    assert passed == total > 0
 
 
 def test_the_experiment_is_graded_by_the_shape_of_its_result_file(tmp_path):

@@ -78,14 +78,21 @@ def launch(world: int, cfgs: list[dict], tmp_path: Path) -> list[dict]:
 
 
 def one_process(cfg: dict, bf16: bool = False) -> recipe.Run:
-    """The reference: local_units.train_step and LARS on one process, the same steps."""
+    """The reference: local_units.train_step and LARS on one process, the same steps, on one
+    thread like each process of the pipeline (bf16 sums in another order differ by percents)."""
     rt = runtime.Runtime(torch.device("cpu"), bf16, torch.float32 if bf16 else torch.float64, bf16)
-    run = build(cfg, rt)
-    for x1, x2 in batches(cfg, rt.dtype):
-        with rt.autocast():
-            L.train_step(run.pieces, run.heads, run.units, rt.prepare(x1), rt.prepare(x2), TAU)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = build(cfg, rt)
+        for x1, x2 in batches(cfg, rt.dtype):
+            with rt.autocast():
+                L.train_step(run.pieces, run.heads, run.units, rt.prepare(x1), rt.prepare(x2),
+                             TAU)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
     return run
 
 
