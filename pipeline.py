@@ -107,26 +107,30 @@ def place(costs: list[float], P: int, allowed: list[int], first: float = 0.0) ->
 
 
 def piece_costs(run: recipe.Run, x: torch.Tensor, tau: float, rt: Runtime,
-                repeats: int = 2) -> list[float]:
+                repeats: int = 3) -> list[float]:
     """Seconds per step of each piece: its forward, its one weight pass, an input pass per unit
-    that crosses it, and the heads of the units that end on it (the fastest of `repeats`)."""
+    that crosses it, and the heads of the units that end on it (the fastest of `repeats`), each
+    timed with the calls a step makes (autograd.grad with retain_graph runs some convolutions'
+    weight gradient four times slower, so it would misplace the pieces)."""
     costs = [float("inf")] * len(run.pieces)
     for _ in range(repeats):
         h = x
         for j, piece in enumerate(run.pieces):
             crossings = sum(u.first < j <= u.last for u in run.units)
+            params = list(piece.parameters())
             with rt.autocast():
                 t = time.perf_counter()
                 a = h.detach().requires_grad_(crossings > 0)
                 h = piece(a)
                 g = torch.randn_like(h)
-                torch.autograd.grad(h, list(piece.parameters()), g, retain_graph=True)
                 for _ in range(crossings):
-                    torch.autograd.grad(h, [a], g, retain_graph=True)
+                    torch.autograd.backward(h, g, inputs=[a], retain_graph=True)
+                torch.autograd.backward(h, g, inputs=params)
                 for u, head in zip(run.units, run.heads):
                     if u.last == j:
                         top = h.detach().requires_grad_()
-                        info_nce(head(top), tau, rt.data_group).backward(inputs=[top])
+                        info_nce(head(top), tau, rt.data_group).backward(
+                            inputs=[*head.parameters(), top])
                 rt.sync()
                 costs[j] = min(costs[j], time.perf_counter() - t)
     for p in [*run.encoder.parameters(), *run.heads.parameters()]:

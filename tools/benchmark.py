@@ -259,12 +259,14 @@ def pipeline_worker(cfg: dict, out: str) -> None:
         pipe.stats.update(compute_s=0.0, idle_s=0.0, bytes_sent=0, steps=0)
     if rt.world > 1:
         dist.barrier()
-    t = time.perf_counter()
-    for _ in range(cfg["steps"]):
+    times = []                           # per step on this process: in a pipeline's steady
+    for _ in range(cfg["steps"]):        # state, every process's period is the pipeline's
+        t = time.perf_counter()
         one()
+        times.append(time.perf_counter() - t)
     if rt.world > 1:
         dist.barrier()
-    seconds = (time.perf_counter() - t) / cfg["steps"]
+    seconds = statistics.median(times)   # the median: a stray pause of the machine does not count
     with SavedBytes() as mem:            # two more steps, counted: async's held graph included
         one(), one()
     own = [q for q in run.params if not q.is_meta]
@@ -464,6 +466,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="train: cifar10, or synthetic (no data)")
     p.add_argument("--workers", type=cli.at_least_zero(int), default=2,
                    help="train: DataLoader workers of the usual pipeline")
+    p.add_argument("--archs", default="resnet18,presnet50",
+                   help="pipeline: the encoders of PIPELINE_CONFIGS to run")
     p.add_argument("--smoke", action="store_true", help="every table at a toy size, one step "
                    "each: checks that the code runs, measures nothing")
     p.add_argument("--out", default=None, help="write the results as JSON")
@@ -492,8 +496,9 @@ def main(argv: list[str] | None = None) -> dict:
                                        smoke.get("steps", args.steps), args.workers,
                                        smoke.get("width", 0.0))
     if args.what == "pipeline":
-        results["pipeline"] = pipeline_table(smoke.get("steps", args.steps),
-                                             smoke.get("configs"))
+        configs = smoke.get("configs") or [c for c in PIPELINE_CONFIGS
+                                           if c[0] in args.archs.split(",")]
+        results["pipeline"] = pipeline_table(smoke.get("steps", args.steps), configs)
     if args.out:
         cli.write_atomic(args.out, json.dumps(results, indent=2))
     return results
