@@ -140,3 +140,18 @@ def test_the_per_unit_gradients_of_tools_gradients_sum_to_the_steps():
         summed = sum(g for (i, k), g in per_unit.items() if k == j)
         assert (summed - step).norm() <= 1e-10 * step.norm(), j
     assert sorted({i for i, _ in per_unit}) == [0, 1, 2, 3]
+
+
+def test_the_schedule_figure_draws_what_is_measured_and_waits_for_enough(tmp_path):
+    import json
+
+    def result(run: str, top1: float) -> None:
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "linear_eval_fast.json").write_text(json.dumps(
+            {"stages": [{"top1": top1}], "knn_top1": top1}))
+    result("loco_none_seed0", 60.0)
+    experiments.schedule_figure(tmp_path)       # the committed 12-epoch rows and one more: few
+    assert not (tmp_path / "schedule.png").exists()
+    result("simclr_e6_seed0", 55.0), result("loco_e6_seed0", 53.0)
+    experiments.schedule_figure(tmp_path)
+    assert (tmp_path / "schedule.png").read_bytes()[:4] == b"\x89PNG"

@@ -413,6 +413,41 @@ def pipeline_plan(out: Path, args) -> tuple[Plan, list]:
     return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
 
 
+def schedule_figure(out: Path) -> None:
+    """Final-stage linear top-1 against epochs for the three methods (Sec. 5.1's decoders), the
+    LoCo-SimCLR gap written at each length: out/schedule.png, from whatever is measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {"simclr": {6: "simclr_e6", 12: REFERENCE / "simclr", 24: "simclr_e24"},
+            "gim": {6: "gim_e6", 12: REFERENCE / "gim_none", 24: "gim_e24"},
+            "loco": {6: "loco_e6", 12: "loco_none", 24: "loco_e24"}}
+    points = {m: {e: [r["stages"][-1]["top1"] for r in results(out, prefix)]
+                  for e, prefix in by.items()} for m, by in runs.items()}
+    if sum(bool(v) for by in points.values() for v in by.values()) < 4:
+        return
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for m, by in points.items():
+        es = [e for e in sorted(by) if by[e]]
+        means = [statistics.mean(by[e]) for e in es]
+        spread = [statistics.stdev(by[e]) if len(by[e]) > 1 else 0 for e in es]
+        ax.errorbar(es, means, yerr=spread, marker="o", capsize=3, label=TITLES[m])
+    for e in sorted(points["loco"]):
+        if points["loco"][e] and points["simclr"][e]:
+            s_, l_ = statistics.mean(points["simclr"][e]), statistics.mean(points["loco"][e])
+            ax.annotate(f"gap {s_ - l_:.1f}", (e, (s_ + l_) / 2), xytext=(6, 0),
+                        textcoords="offset points", fontsize=8, va="center")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([6, 12, 24], ["6", "12", "24"])
+    ax.set_xlabel("epochs (CIFAR-10, ResNet-18 x1/4, 2 CPU cores)")
+    ax.set_ylabel("final-stage linear top-1 (%)")
+    ax.set_title("Schedule length: 12 epochs two seeds, 6 and 24 one", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    cli.save_figure(fig, out / "schedule.png")
+    plt.close(fig)
+
+
 # Tables 4 and 5 at a CPU scale: the CPU protocol for 2 epochs (half a warm-up epoch), linear
 # probe on the first 10,000 training images, the full test set. A run: key -> (flags, seeds: two
 # for the rows that decide the paper's claims, and for the unit layout).
@@ -670,6 +705,8 @@ def main(argv: list[str] | None = None) -> None:
     complete = True if args.table_only else execute(plan, args.minutes, out / "log.txt", fits,
                                                             args.jobs)
     tables = PLANS[args.plan](out, args)[1]          # again: now with what the steps wrote
+    if args.plan == "gap":
+        schedule_figure(out)                         # redrawn, like tables.md, from what is done
     text = "\n\n".join(f"{title}:\n{t}" for title, t in tables)
     cli.write_atomic(out / "tables.md", text + "\n")
     print(("(partial: run the same command again to continue)\n" if not complete else "") + text)
