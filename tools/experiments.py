@@ -215,8 +215,13 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
     threads = [threading.Thread(target=work) for _ in range(jobs)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:            # Ctrl-C, SIGTERM: no step starts any more; a running
+        state["error"] = cli.UserError("interrupted")   # one finishes (and keeps its lock)
+        raise KeyboardInterrupt("No new step starts; a running step finishes and keeps its "
+                                "claim. Run the same command again to continue.") from None
     if state["error"]:
         raise state["error"]
     if state["late"]:
