@@ -428,9 +428,15 @@ def pipeline_plan(out: Path, args) -> tuple[Plan, list]:
     return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
 
 
+# FLOPs of a step over SimCLR's, ResNet-18 x1/4, CIFAR, MLP-only decoders (counted:
+# tools/benchmark.step_flops): the right panel's x, training compute in SimCLR epochs
+STEP_FLOPS = {"simclr": 1.0, "gim": 0.963, "loco": 1.204}
+
+
 def schedule_figure(out: Path) -> None:
     """Final-stage linear top-1 against epochs for the three methods (Sec. 5.1's decoders), the
-    LoCo-SimCLR gap written at each length: out/schedule.png, from whatever is measured."""
+    LoCo-SimCLR gap written at each length, and against training compute (epochs x a step's
+    FLOPs over SimCLR's): out/schedule.png, from whatever is measured."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -441,23 +447,27 @@ def schedule_figure(out: Path) -> None:
                   for e, prefix in by.items()} for m, by in runs.items()}
     if sum(bool(v) for by in points.values() for v in by.values()) < 4:
         return
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for m, by in points.items():
-        es = [e for e in sorted(by) if by[e]]
-        means = [statistics.mean(by[e]) for e in es]
-        spread = [statistics.stdev(by[e]) if len(by[e]) > 1 else 0 for e in es]
-        ax.errorbar(es, means, yerr=spread, marker="o", capsize=3, label=TITLES[m])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, scale in zip(axes, (lambda m: 1.0, lambda m: STEP_FLOPS[m])):
+        for m, by in points.items():
+            es = [e for e in sorted(by) if by[e]]
+            means = [statistics.mean(by[e]) for e in es]
+            spread = [statistics.stdev(by[e]) if len(by[e]) > 1 else 0 for e in es]
+            ax.errorbar([e * scale(m) for e in es], means, yerr=spread, marker="o", capsize=3,
+                        label=TITLES[m])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([6, 12, 24], ["6", "12", "24"])
     for e in sorted(points["loco"]):
         if points["loco"][e] and points["simclr"][e]:
             s_, l_ = statistics.mean(points["simclr"][e]), statistics.mean(points["loco"][e])
-            ax.annotate(f"gap {s_ - l_:.1f}", (e, (s_ + l_) / 2), xytext=(6, 0),
-                        textcoords="offset points", fontsize=8, va="center")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([6, 12, 24], ["6", "12", "24"])
-    ax.set_xlabel("epochs (CIFAR-10, ResNet-18 x1/4, 2 CPU cores)")
-    ax.set_ylabel("final-stage linear top-1 (%)")
-    ax.set_title("Schedule length: 12 epochs two seeds, 6 and 24 one", fontsize=9)
-    ax.legend(fontsize=8)
+            axes[0].annotate(f"gap {s_ - l_:.1f}", (e, (s_ + l_) / 2), xytext=(6, 0),
+                             textcoords="offset points", fontsize=8, va="center")
+    axes[0].set_xlabel("epochs")
+    axes[1].set_xlabel("training compute (SimCLR epochs: epochs x step FLOPs)")
+    axes[0].set_ylabel("final-stage linear top-1 (%)")
+    fig.suptitle("CIFAR-10, ResNet-18 x1/4, 2 CPU cores: 12 epochs two seeds, 6 and 24 one",
+                 fontsize=9)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     cli.save_figure(fig, out / "schedule.png")
     plt.close(fig)
