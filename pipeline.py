@@ -124,7 +124,7 @@ def piece_costs(run: recipe.Run, x: torch.Tensor, tau: float, rt: Runtime,
                 h = piece(a)
                 g = torch.randn_like(h)
                 for _ in range(crossings):
-                    torch.autograd.backward(h, g, inputs=[a], retain_graph=True)
+                    torch.autograd.backward(h, g, retain_graph=True, inputs=[a])  # as a step
                 torch.autograd.backward(h, g, inputs=params)
                 for u, head in zip(run.units, run.heads):
                     if u.last == j:

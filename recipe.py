@@ -112,6 +112,9 @@ def check(cfg: dict) -> None:
     if method == "simclr" and cfg.get("top_decoder"):
         refuse("--top-decoder: SimCLR's one head is on the top stage; choose its decoder with "
                "--decoder")
+    if cfg.get("top_decoder") and cfg["top_decoder"] == (decoder or "none"):
+        refuse(f"--top-decoder {cfg['top_decoder']} is what --decoder gives every head already: "
+               f"leave it out")
     if decoder in ("stage", "full") and method == "simclr":
         refuse(f"--decoder {decoder} copies the stages above a head's stage; SimCLR's head is on "
                f"the top stage, with nothing above: use none, block, block-nods or 2blocks")

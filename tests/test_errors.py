@@ -90,6 +90,7 @@ CASES = [
     ("train.py", ["--method", "gim", "--no-top-unit"], "--no-top-unit.*gim has no such unit", 2),
     ("train.py", ["--method", "simclr", "--decoder", "full"], "--decoder full.*SimCLR's head", 2),
     ("train.py", ["--method", "simclr", "--top-decoder", "none"], "--top-decoder: SimCLR", 2),
+    ("train.py", ["--top-decoder", "none"], "--top-decoder none is what --decoder gives", 2),
     ("train.py", ["--sharing", "1block", "--decoder", "stage"], "--sharing 1block a unit ends", 2),
     ("train.py", ["--lr", "1e45"], "--lr 1e\\+45 \\(peak\\): above 100", 2),
     ("train.py", ["--width", "1e-6"], "--width 1e-06: .*needs a width above", 2),

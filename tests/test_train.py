@@ -126,7 +126,7 @@ def configurations():
     yield from ({"method": "loco", "sharing": s} for s in local_units.SHARING)
     yield from ({"method": "gim", "decoder": d} for d in decoders.DECODERS)
     yield from ({"method": "simclr", "decoder": d} for d in ("block", "2blocks"))
-    yield {"method": "loco", "top_decoder": "none", "top_unit": False, "mlp_layers": 4}
+    yield {"method": "loco", "top_decoder": "block", "top_unit": False, "mlp_layers": 4}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -355,7 +355,8 @@ REFERENCE = ROOT / "results" / "cifar-cpu"
 LOCAL = {"decoder": "none"}              # Sec. 5.1's decoders for GIM and LoCo: MLP only
 GAP = [  # (hypothesis, run, flags over the CPU protocol's, epochs, seeds, minutes); in this order
     # 1. the decoders: Sec. 5.1's MLP-only heads for local methods, or only on the top stage
-    (1, "loco_topnone", {"method": "loco", "top-decoder": "none"}, 12, 2, 33),
+    (1, "loco_topnone", {"method": "loco", "decoder": "block", "top-decoder": "none"}, 12, 2,
+     33),
     (1, "loco_none", {"method": "loco", **LOCAL}, 12, 2, 31),
     # 2. each method's own learning rate: 3-epoch probes at lr 1, 2, 4, 8 (SimCLR's lr 4 came
     # from such a sweep; GIM and LoCo were probed at lr 4 only), and 16: LoCo still rose at 8
