@@ -54,13 +54,16 @@ def check(cfg: dict, stages: int) -> None:
     """Refuse, with one line, a pipeline this code cannot run."""
     P, mode = cfg.get("pipeline", 1), cfg.get("pipeline_mode")
     if P == 1:
-        if mode is not None:
-            raise UserError("--pipeline-mode chooses how a pipeline's processes wait: add "
-                            "--pipeline P (P > 1), or leave it out", flag=True)
+        if mode is not None or cfg.get("placement"):
+            raise UserError(f"--{'pipeline-mode' if mode else 'placement'} is a pipeline's: add "
+                            f"--pipeline P (P > 1), or leave it out", flag=True)
         return
     if P > stages:
         raise UserError(f"--pipeline {P}: the encoder has {stages} stages, and each process "
                         f"needs at least one", flag=True)
+    if cfg.get("placement") and len(cfg["placement"].split(",")) != P:
+        raise UserError(f"--placement {cfg['placement']}: one number per process of "
+                        f"--pipeline {P}", flag=True)
     if cfg["method"] == "simclr" and mode == "async":
         raise UserError("--pipeline-mode async: SimCLR's one unit crosses every process, so "
                         "every gradient would be stale; use sync", flag=True)
@@ -104,6 +107,23 @@ def place(costs: list[float], P: int, allowed: list[int], first: float = 0.0) ->
         raise UserError(f"--pipeline {P}: no placement of {len(costs)} pieces on {P} processes "
                         f"lets every straddling unit start at a boundary (try sync)", flag=True)
     return best[1]
+
+
+def by_hand(counts: str, pieces: int, allowed: list[int], mode: str) -> list[range]:
+    """--placement "2,2": the number of pieces of each process, first to last."""
+    try:
+        n = [int(c) for c in counts.split(",")]
+    except ValueError:
+        n = []
+    bounds = list(itertools.accumulate([0, *n]))
+    if not n or min(n) < 1 or bounds[-1] != pieces:
+        raise UserError(f"--placement {counts}: give each process's number of pieces, at least "
+                        f"one each, {pieces} in all (e.g. 2,2)", flag=True)
+    bad = [b - 1 for b in bounds[1:-1] if b - 1 not in allowed]
+    if bad:
+        raise UserError(f"--placement {counts}: {mode} cannot cut after piece {bad[0]} (a unit "
+                        f"crossing it starts lower: try sync)", flag=True)
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def piece_costs(run: recipe.Run, x: torch.Tensor, tau: float, rt: Runtime,
@@ -388,6 +408,8 @@ def build(run: recipe.Run, rt: Runtime, cfg: dict, size: int, tau: float,
     `groups` overrides the placement (tests)."""
     mode = mode_of(cfg)
     allowed = cuts(run.units, len(run.pieces), mode)
+    if groups is None and cfg.get("placement"):
+        groups = by_hand(cfg["placement"], len(run.pieces), allowed, mode)
     plan = [groups, None]
     if groups is None and rt.stage_rank == 0:
         keep = {k: v.clone() for k, v in [*run.encoder.state_dict().items(),

@@ -102,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--pipeline-mode", default=None, choices=pipeline.MODES,
                    help="sync: the exact step; async: the straddling unit's gradient one step "
                         "late, no waiting; default: async for gim and loco, sync for simclr")
+    m.add_argument("--placement", default=None,
+                   help="the pieces of each process, e.g. 2,2 (default: the placement that "
+                        "balances their measured cost)")
     m.add_argument("--compile", action="store_true", help="torch.compile each stage and head")
     m.add_argument("--workers", type=nonneg(int), default=8, help="DataLoader workers (imagefolder)")
     o = p.add_argument_group("output")

@@ -97,6 +97,8 @@ CASES = [
     ("train.py", ["--pipeline", "2"], "--pipeline 2 needs exactly 2 processes .*not 1", 2),
     ("train.py", ["--pipeline", "5"], "--pipeline 5: the encoder has 4 stages", 2),
     ("train.py", ["--pipeline-mode", "sync"], "--pipeline-mode .*add --pipeline P", 2),
+    ("train.py", ["--placement", "2,2"], "--placement is a pipeline's", 2),
+    ("train.py", ["--pipeline", "2", "--placement", "1,1,2"], "one number per process", 2),
     ("train.py", ["--method", "simclr", "--pipeline", "2", "--pipeline-mode", "async"],
      "async: SimCLR's one unit crosses every process", 2),
     ("train.py", ["--sharing", "soft", "--pipeline", "2"], "--sharing soft .*not built", 2),

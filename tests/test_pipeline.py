@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -22,6 +23,7 @@ import recipe
 import runtime
 from conftest import TINY, free_port
 from conftest import state as saved
+from cli import UserError
 from losses import info_nce
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +188,12 @@ def test_placement_balances_measured_costs_and_async_cuts_only_where_units_start
     # async: a unit crossing the cut must start just below it; S2a-S3a crosses S2b|S3a from S2a
     assert pipeline.cuts(loco, 7, "async") == [0, 1, 3, 5]
     assert pipeline.cuts(L.make_units("gim", [0, 1, 2, 3]), 4, "async") == [0, 1, 2]
+    assert pipeline.by_hand("2,2", 4, [0, 1, 2], "async") == [range(0, 2), range(2, 4)]
+    for bad, why in (("2,1", "4 in all"), ("0,4", "at least one"), ("x", "each process's")):
+        with pytest.raises(UserError, match=why):
+            pipeline.by_hand(bad, 4, [0, 1, 2], "async")
+    with pytest.raises(UserError, match="async cannot cut after piece 2"):
+        pipeline.by_hand("3,4", 7, pipeline.cuts(loco, 7, "async"), "async")
 
 
 KILLED = """
