@@ -429,8 +429,8 @@ def pipeline_plan(out: Path, args) -> tuple[Plan, list]:
                        0.5 if args.smoke else 30, launcher=torchrun)
             plan.eval(run, 0.04 if args.smoke else 2, extra=evalx)
     rows = [("LoCo, one process (= sync)", GAP_RESULTS / "loco_none"),
-            ("LoCo, async pipeline of 2: [S1 | S2 S3 S4] (measured)", "loco_async"),
-            ("LoCo, async pipeline of 2: [S1 S2 | S3 S4] (by hand)", "loco_async22")]
+            ("LoCo, async pipeline of 2: S1 on one, S2-S4 on the other (measured)", "loco_async"),
+            ("LoCo, async pipeline of 2: S1-S2, S3-S4 (--placement 2,2)", "loco_async22")]
     return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
 
 
