@@ -217,6 +217,7 @@ def speed_table(rt: runtime.Runtime, steps: int = 10, configs=None) -> dict:
 # ---------------------------------------------------------------------------- model parallel
 # The pipeline table (README, Model parallel): (encoder, stem, width, batch, size) on 2 processes
 PIPELINE_CONFIGS = [("resnet18", "cifar", 0.25, 256, 32), ("presnet50", "imagenet", 1.0, 8, 224)]
+PROJECTED = [("resnet50", "imagenet", 1.0, 8, 224)]    # per-stage times and the projection only
 SETTINGS = [  # (name, processes, threads each, mode)
     ("1 process x 1 thread", 1, 1, None), ("1 process x 2 threads", 1, 2, None),
     ("data parallel 2 x 1 thread", 2, 1, "data"), ("pipeline 2 x 1 sync", 2, 1, "sync"),
@@ -312,16 +313,17 @@ def projection(stages: list[float], devices: int) -> dict:
             "bubble": round(1 - sum(stages) / (devices * slowest), 2)}
 
 
-def pipeline_table(steps: int, configs=None, methods=("loco", "gim")) -> dict:
+def pipeline_table(steps: int, configs=None, methods=("loco", "gim"), projected=()) -> dict:
     """images/s of each setting of SETTINGS on this machine's 2 cores, each in its own
-    processes; then the projection for K devices from per-stage times."""
+    processes; then the projection for K devices from per-stage times (only that for the
+    encoders of `projected`)."""
     import subprocess
     import sys
     import tempfile
 
     import pipeline
     out = {}
-    for arch, stem, width, batch, size in configs or PIPELINE_CONFIGS:
+    for arch, stem, width, batch, size in PIPELINE_CONFIGS if configs is None else configs:
         key = f"{arch}_x{width}_{stem}_b{batch}"
         out[key] = {}
         for method in methods:
@@ -358,6 +360,22 @@ def pipeline_table(steps: int, configs=None, methods=("loco", "gim")) -> dict:
                                 f"{p['params_MiB']:.2f}, {p['activations_MiB']:.1f}"
                                 for p in r["processes"])
                 print(f"{name:<30} {r['images_per_s']:>8.0f}   {r['vs_1_thread']:>10.2f}x   {per}")
+            print("stage ms (1 thread): " + ", ".join(map(str, out[key][method]["stage_ms"])))
+            for k, pr in out[key][method]["projection"].items():
+                print(f"projection, {k} devices: stages {pr['groups']}, local speed-up "
+                      f"{pr['local_speedup']}x, bubble {pr['bubble']}")
+    for arch, stem, width, batch, size in projected:
+        key = f"{arch}_x{width}_{stem}_b{batch}"
+        out[key] = {}
+        for method in methods:
+            cpu = runtime.Runtime(torch.device("cpu"), runtime.native_bf16(torch.device("cpu")),
+                                  torch.float32, True)
+            stages = stage_seconds(arch, stem, width, batch, size, method, cpu)
+            out[key][method] = {"stage_ms": [round(1000 * s, 1) for s in stages],
+                                "projection": {k: projection(stages, k)
+                                               for k in range(2, len(stages) + 1)}}
+            print(f"\n{arch} x{width} ({stem}), batch {batch} at {size}x{size}, {method}: "
+                  "projection only")
             print("stage ms (1 thread): " + ", ".join(map(str, out[key][method]["stage_ms"])))
             for k, pr in out[key][method]["projection"].items():
                 print(f"projection, {k} devices: stages {pr['groups']}, local speed-up "
@@ -466,8 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="train: cifar10, or synthetic (no data)")
     p.add_argument("--workers", type=cli.at_least_zero(int), default=2,
                    help="train: DataLoader workers of the usual pipeline")
-    p.add_argument("--archs", default="resnet18,presnet50",
-                   help="pipeline: the encoders of PIPELINE_CONFIGS to run")
+    p.add_argument("--archs", default="resnet18,presnet50,resnet50",
+                   help="pipeline: the encoders of PIPELINE_CONFIGS (timed) and PROJECTED (projection only)")
     p.add_argument("--smoke", action="store_true", help="every table at a toy size, one step "
                    "each: checks that the code runs, measures nothing")
     p.add_argument("--out", default=None, help="write the results as JSON")
@@ -498,7 +516,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.what == "pipeline":
         configs = smoke.get("configs") or [c for c in PIPELINE_CONFIGS
                                            if c[0] in args.archs.split(",")]
-        results["pipeline"] = pipeline_table(smoke.get("steps", args.steps), configs)
+        results["pipeline"] = pipeline_table(
+            smoke.get("steps", args.steps), configs,
+            projected=[] if args.smoke else [c for c in PROJECTED if c[0] in args.archs.split(",")])
     if args.out:
         cli.write_atomic(args.out, json.dumps(results, indent=2))
     return results
