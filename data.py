@@ -26,9 +26,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.utils import download_and_extract_archive
-from torchvision.transforms import v2
 
 from augment import SimCLRAugment, blur_kernel, standardize
 from cli import UserError
@@ -106,6 +103,7 @@ def _folder(name: str, data_dir: str | Path, download: bool) -> Path:
     root = Path(data_dir) / folder
     why = "download=False"
     if not root.is_dir() and download:
+        from torchvision.datasets.utils import download_and_extract_archive   # (*) below
         try:
             download_and_extract_archive(url, str(data_dir), md5=md5)
         except (OSError, RuntimeError) as e:  # offline: URLError, an OSError; bad md5: RuntimeError
@@ -229,7 +227,10 @@ def read_image(path: str):
                         f"replace it")
 
 
-def image_folder(root: Path, transform) -> ImageFolder:
+# (*) torchvision is imported where a download or an image folder needs it: it takes about a
+# second to import, which every CIFAR-10 or synthetic run (and every test's process) would pay
+def image_folder(root: Path, transform):
+    from torchvision.datasets import ImageFolder
     if not root.is_dir():
         raise MissingData(f"{root} not found: --data-dir must hold train/<class>/ and "
                           f"val/<class>/ image folders (ImageNet's layout)")
@@ -253,6 +254,7 @@ class FolderLoader:
     def __init__(self, root: str | Path, info: DatasetInfo, global_batch: int, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, workers: int = 8,
                  subset: int = 0):
+        from torchvision.transforms import v2
         views = v2.Compose([
             v2.ToImage(), v2.RandomResizedCrop(info.size, scale=info.crop_scale, antialias=True),
             v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
@@ -311,6 +313,7 @@ def eval_batches(name: str, data_dir: str | Path, split: str, batch_size: int,
         for i in range(0, len(x), batch_size):
             yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         return
+    from torchvision.transforms import v2
     t = v2.Compose([v2.ToImage(), v2.Resize(info.size * 8 // 7, antialias=True),
                     v2.CenterCrop(info.size)])
     folder = image_folder(Path(data_dir) / ("val" if split == "test" else "train"), t)

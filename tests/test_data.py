@@ -195,7 +195,7 @@ def test_missing_data_that_cannot_be_downloaded_names_data_dir(tmp_path, monkeyp
         tried.append(url)
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(data, "download_and_extract_archive", offline)
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
     with pytest.raises(UserError, match="--data-dir") as e:
         data.load_images("cifar10", tmp_path, "train")
     assert tried and "cifar-10" in tried[0] and "synthetic" not in str(e.value)

@@ -176,7 +176,7 @@ def test_bad_input_gets_one_line_naming_the_flag_or_file_and_changes_nothing(
         script, args, expected, code, run_dir, capsys, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(data, "download_and_extract_archive", offline)
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
     argv = [a.format(root=run_dir) for a in args]
     if script == "train.py":
         argv = [*TINY, *argv] if "--out" in args else [*TINY, *argv, "--out", f"{run_dir}/new"]
