@@ -323,61 +323,52 @@ def pipeline_table(steps: int, configs=None, methods=("loco", "gim"), projected=
 
     import pipeline
     out = {}
-    for arch, stem, width, batch, size in PIPELINE_CONFIGS if configs is None else configs:
+    timed = PIPELINE_CONFIGS if configs is None else configs
+    for (arch, stem, width, batch, size), time_it in [*((c, True) for c in timed),
+                                                      *((c, False) for c in projected)]:
         key = f"{arch}_x{width}_{stem}_b{batch}"
         out[key] = {}
         for method in methods:
             cpu = runtime.Runtime(torch.device("cpu"), runtime.native_bf16(torch.device("cpu")),
                                   torch.float32, True)
             stages = stage_seconds(arch, stem, width, batch, size, method, cpu)
-            groups = pipeline.place(stages, 2, list(range(len(stages) - 1)))   # one placement
-            rows = {}
-            for name, procs, threads, mode in SETTINGS:
-                cfg = {"arch": arch, "stem": stem, "width": width, "batch": batch, "size": size,
-                       "method": method, "processes": procs, "threads": threads, "mode": mode,
-                       "steps": steps, "groups": [[g.start, g.stop] for g in groups]}
-                with tempfile.TemporaryDirectory() as tmp:
-                    result = Path(tmp) / "r.json"
-                    launcher = ([sys.executable, "-m", "torch.distributed.run",
-                                 f"--nproc_per_node={procs}", "--master-port",
-                                 str(free_port())] if procs > 1 else [sys.executable])
-                    subprocess.run([*launcher, "-m", "tools.benchmark", "pipeline-worker",
-                                    "--config", json.dumps(cfg), "--out", str(result)],
-                                   check=True, cwd=cli.ROOT, capture_output=True,
-                                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-                    rows[name] = json.loads(result.read_text())
-            base = rows[SETTINGS[0][0]]["images_per_s"]
-            for r in rows.values():
-                r["vs_1_thread"] = round(r["images_per_s"] / base, 2)
-            out[key][method] = {"settings": rows, "stage_ms": [round(1000 * s, 1) for s in stages],
-                                "projection": {k: projection(stages, k)
-                                               for k in range(2, len(stages) + 1)}}
-            print(f"\n{arch} x{width} ({stem}), batch {batch} at {size}x{size}, {method}:")
-            print("setting                        images/s   vs 1 thread   per process: compute / "
-                  "idle ms per step, kB sent, params MiB, activations MiB")
-            for name, r in rows.items():
-                per = "; ".join(f"{p['compute_ms']:.0f}/{p['idle_ms']:.0f}, {p['kB_sent']:.0f}, "
-                                f"{p['params_MiB']:.2f}, {p['activations_MiB']:.1f}"
-                                for p in r["processes"])
-                print(f"{name:<30} {r['images_per_s']:>8.0f}   {r['vs_1_thread']:>10.2f}x   {per}")
-            print("stage ms (1 thread): " + ", ".join(map(str, out[key][method]["stage_ms"])))
-            for k, pr in out[key][method]["projection"].items():
-                print(f"projection, {k} devices: stages {pr['groups']}, local speed-up "
-                      f"{pr['local_speedup']}x, bubble {pr['bubble']}")
-    for arch, stem, width, batch, size in projected:
-        key = f"{arch}_x{width}_{stem}_b{batch}"
-        out[key] = {}
-        for method in methods:
-            cpu = runtime.Runtime(torch.device("cpu"), runtime.native_bf16(torch.device("cpu")),
-                                  torch.float32, True)
-            stages = stage_seconds(arch, stem, width, batch, size, method, cpu)
-            out[key][method] = {"stage_ms": [round(1000 * s, 1) for s in stages],
-                                "projection": {k: projection(stages, k)
-                                               for k in range(2, len(stages) + 1)}}
-            print(f"\n{arch} x{width} ({stem}), batch {batch} at {size}x{size}, {method}: "
-                  "projection only")
-            print("stage ms (1 thread): " + ", ".join(map(str, out[key][method]["stage_ms"])))
-            for k, pr in out[key][method]["projection"].items():
+            entry = out[key][method] = {
+                "stage_ms": [round(1000 * s, 1) for s in stages],
+                "projection": {k: projection(stages, k) for k in range(2, len(stages) + 1)}}
+            print(f"\n{arch} x{width} ({stem}), batch {batch} at {size}x{size}, {method}:"
+                  + ("" if time_it else " projection only"))
+            if time_it:
+                entry["settings"] = rows = {}
+                groups = pipeline.place(stages, 2, list(range(len(stages) - 1)))  # one placement
+                for name, procs, threads, mode in SETTINGS:
+                    cfg = {"arch": arch, "stem": stem, "width": width, "batch": batch,
+                           "size": size, "method": method, "processes": procs,
+                           "threads": threads, "mode": mode, "steps": steps,
+                           "groups": [[g.start, g.stop] for g in groups]}
+                    with tempfile.TemporaryDirectory() as tmp:
+                        result = Path(tmp) / "r.json"
+                        launcher = ([sys.executable, "-m", "torch.distributed.run",
+                                     f"--nproc_per_node={procs}", "--master-port",
+                                     str(free_port())] if procs > 1 else [sys.executable])
+                        subprocess.run([*launcher, "-m", "tools.benchmark", "pipeline-worker",
+                                        "--config", json.dumps(cfg), "--out", str(result)],
+                                       check=True, cwd=cli.ROOT, capture_output=True,
+                                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                        rows[name] = json.loads(result.read_text())
+                base = rows[SETTINGS[0][0]]["images_per_s"]
+                for r in rows.values():
+                    r["vs_1_thread"] = round(r["images_per_s"] / base, 2)
+                print("setting                        images/s   vs 1 thread   per process: "
+                      "compute / idle ms per step, kB sent, params MiB, activations MiB")
+                for name, r in rows.items():
+                    per = "; ".join(f"{p['compute_ms']:.0f}/{p['idle_ms']:.0f}, "
+                                    f"{p['kB_sent']:.0f}, {p['params_MiB']:.2f}, "
+                                    f"{p['activations_MiB']:.1f}" for p in r["processes"])
+                    rate = r["images_per_s"]
+                    print(f"{name:<30} {rate:>8.{0 if rate >= 100 else 2}f}   "
+                          f"{r['vs_1_thread']:>10.2f}x   {per}")
+            print("stage ms (1 thread): " + ", ".join(map(str, entry["stage_ms"])))
+            for k, pr in entry["projection"].items():
                 print(f"projection, {k} devices: stages {pr['groups']}, local speed-up "
                       f"{pr['local_speedup']}x, bubble {pr['bubble']}")
     return out
