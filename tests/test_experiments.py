@@ -80,7 +80,7 @@ def test_two_jobs_run_steps_side_by_side_and_a_reader_waits_for_its_run(tmp_path
     plan = experiments.Plan()
     for name in ("a", "b"):
         run = tmp_path / name
-        code = (f"import time, torch, pathlib; time.sleep(2); pathlib.Path({str(run)!r}).mkdir("
+        code = (f"import time, torch, pathlib; time.sleep(1); pathlib.Path({str(run)!r}).mkdir("
                 f"exist_ok=True); torch.save({{'epoch': 0}}, {str(run / 'ckpt.pt')!r})")
         plan.steps.append(experiments.Step(f"train {name}", ["-c", code, str(run / "x")],
                                            run / "ckpt.pt", 0.03, train_epochs=1))

@@ -199,7 +199,7 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
             if s is None:
                 if state["late"] or not running:
                     return
-                time.sleep(1)            # a step another job runs may unblock the next
+                time.sleep(0.25)         # a step another job runs may unblock the next
                 continue
             try:
                 run_step(s, deadline, log, env)
