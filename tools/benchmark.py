@@ -476,7 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=cli.at_least_zero(int), default=2,
                    help="train: DataLoader workers of the usual pipeline")
     p.add_argument("--archs", default="resnet18,presnet50,resnet50",
-                   help="pipeline: the encoders of PIPELINE_CONFIGS (timed) and PROJECTED (projection only)")
+                   help="pipeline: the encoders of PIPELINE_CONFIGS (timed) and PROJECTED "
+                   "(projection only)")
     p.add_argument("--smoke", action="store_true", help="every table at a toy size, one step "
                    "each: checks that the code runs, measures nothing")
     p.add_argument("--out", default=None, help="write the results as JSON")
