@@ -470,6 +470,7 @@ def schedule_figure(out: Path) -> None:
                         label=TITLES[m])
         ax.set_xscale("log", base=2)
         ax.set_xticks([3, 6, 12, 24], ["3", "6", "12", "24"])
+        ax.set_xlim(2.5, 40)                 # room for the last gap's label
     for e in sorted(points["loco"]):
         if points["loco"][e] and points["simclr"][e]:
             s_, l_ = statistics.mean(points["simclr"][e]), statistics.mean(points["loco"][e])
