@@ -376,6 +376,9 @@ GAP = [  # (hypothesis, run, flags over the CPU protocol's, epochs, seeds, minut
     # 4. the temperature: does LoCo want another tau than SimCLR's 0.5? 3-epoch probes at 0.2
     *((4, f"{m}_tau0.2_e3", {"method": m, "tau": 0.2, **({} if m == "simclr" else LOCAL)}, 3,
        (0,), 8) for m in ("loco", "simclr")),
+    # ... and at the full protocol: at 3 epochs tau 0.2 lifted both by 3.2 points
+    *((4, f"{m}_tau0.2", {"method": m, "tau": 0.2, **({} if m == "simclr" else LOCAL)}, 12,
+       (0,), 31) for m in ("loco", "simclr")),
     *((3, f"{m}_e6", {"method": m, **({} if m == "simclr" else LOCAL)}, 6, (0,), 16)
       for m in ("simclr", "loco", "gim")),
     *((2, f"{m}_lr8", {"method": m, "lr": 8.0, **({} if m == "simclr" else LOCAL)}, 12, (1,), 31)
@@ -401,7 +404,9 @@ def gap(out: Path, args) -> tuple[Plan, list]:
             ("GIM, MLP-only decoders", ref / "gim_none"), ("LoCo (block decoders)", ref / "loco"),
             ("LoCo, MLP-only decoders on the top stage", "loco_topnone"),
             ("LoCo, MLP-only decoders", "loco_none"),
-            ("LoCo, MLP-only decoders, lr 8", "loco_lr8"), ("SimCLR, lr 8", "simclr_lr8")]
+            ("LoCo, MLP-only decoders, lr 8", "loco_lr8"), ("SimCLR, lr 8", "simclr_lr8"),
+            ("LoCo, MLP-only decoders, tau 0.2", "loco_tau0.2"), ("SimCLR, tau 0.2",
+                                                                  "simclr_tau0.2")]
     sweep = [(f"{TITLES[m]}, lr {lr:g}, 3 epochs", f"{m}_lr{lr:g}_e3") for m in TITLES
              for lr in (1, 2, 4, 8, 16)]
     schedule = [(f"{TITLES[m]}, {e} epochs", f"{m}_e{e}") for m in TITLES for e in (6, 24)]
