@@ -135,6 +135,12 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt            # SIGTERM (a kill; torchrun stopping a job): as Ctrl-C
 
 
+def stopping() -> None:
+    """A process that is already ending (and saying why) ignores SIGTERM from here on: torchrun
+    sends it to the survivors when one process dies, and it must not cut that message short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def run(main, script: str) -> None:
     """Call main(); turn a user's mistake or an interrupt into one line and an exit code."""
     signal.signal(signal.SIGTERM, _terminated)
@@ -146,7 +152,8 @@ def run(main, script: str) -> None:
         where = f"{e.filename}: " if e.filename else ""
         sys.exit(_line(script, f"{where}{e.strerror or e}", 1))
     except KeyboardInterrupt as e:
-        print(f"\n{script}: interrupted. {e or 'Nothing was left half-written.'}", file=sys.stderr)
+        print(f"\n{script}: interrupted. {str(e) or 'Nothing was left half-written.'}",
+              file=sys.stderr)
         sys.exit(130)
 
 

@@ -139,9 +139,11 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         train(args, rt, out, ckpt_path)
     except KeyboardInterrupt:
+        cli.stopping()
         raise KeyboardInterrupt(saved(ckpt_path)) from None
     except RuntimeError as e:            # a process of this run died: gloo/NCCL say so here
         if rt.world > 1 and runtime.peer_lost(e):
+            cli.stopping()
             raise UserError(f"rank {rt.rank}: another process of this run stopped (its own "
                             f"message says why), so this one stops too. {saved(ckpt_path)}")
         raise
