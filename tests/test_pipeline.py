@@ -212,14 +212,14 @@ cli.run(train.main, "train.py")
 """
 
 
-def torchrun(script: str, argv: list[str], wait: bool = True):
-    """Two processes of `script` under torchrun: its result, or (wait=False) the running job."""
+def torchrun(script: str, argv: list[str], stderr=None):
+    """Two processes of `script` under torchrun: its result; or, given a file for its stderr
+    (a pipe nobody reads could fill and stall it), the running job."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port",
            str(free_port()), script, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    if stderr is not None:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -229,13 +229,16 @@ def test_a_killed_process_ends_the_pipeline_and_resume_continues_it_exactly(tmp_
     the run ends bit for bit where an uninterrupted one does (the epoch's pending late gradient
     is in the checkpoint)."""
     args = [*TINY, "--method", "loco", "--epochs", "2", "--pipeline", "2", "--precision", "fp64"]
-    straight = torchrun("train.py", [*args, "--out", str(tmp_path / "straight")], wait=False)
+    errors = open(tmp_path / "straight.err", "w")
+    straight = torchrun("train.py", [*args, "--out", str(tmp_path / "straight")], errors)
     script = tmp_path / "killed.py"                          # side by side with the straight run
     script.write_text(KILLED.format(repo=str(ROOT)))
     t = time.time()
     killed = torchrun(str(script), [*args, "--out", str(tmp_path / "resumed")])
     assert killed.returncode != 0 and time.time() - t < 120
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-2000:]
+    code = straight.wait(timeout=300)
+    errors.close()
+    assert code == 0, (tmp_path / "straight.err").read_text()[-2000:]
     # the other process stops in its next message (the peer is gone) or at torchrun's SIGTERM,
     # whichever comes first, and says in one line what is saved
     said = [line for line in killed.stderr.splitlines() if line.startswith("train.py: ")]
