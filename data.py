@@ -1,7 +1,8 @@
 """Data: datasets as uint8 tensors, and the loaders that turn them into two views per image.
 
     DATASETS[name] -> DatasetInfo    per-dataset choices: view size, crop scale, blur, mean/std, tau
-    load_images(name, data_dir, split, download=True) -> uint8 images (N, 3, H, W), labels (N,)
+    load_images(name, data_dir, split, download=True, limit=0) -> uint8 images (N, 3, H, W),
+        labels (N,); limit > 0: the first `limit` only
         split "pretrain": what contrastive training sees (STL-10: unlabeled + train, label -1 for
         unlabeled); "train", "test": labelled, for linear evaluation
     (the `synthetic` images come from shapes.py: ten shape classes drawn in-process, no download)
@@ -9,7 +10,7 @@
         len(loader) steps per epoch; .epoch(e) yields (x1, x2), each (B // world_size, 3, S, S)
     FolderLoader(root, info, ...)    ImageNet-style folders: DataLoader workers, torchvision's views
     pretrain_loader(name, data_dir, global_batch, seed, device, ...)   whichever loader name needs
-    eval_batches(name, data_dir, split, batch_size, device)   (uint8 images, labels), any dataset
+    eval_batches(name, data_dir, split, batch_size, device, limit=0)   (uint8 images, labels)
 
 Datasets that fit in memory live as one uint8 tensor on the device, and augment.py draws their
 views there, batched (why: its docstring). Every rank draws the augmentation of the whole global
@@ -17,7 +18,6 @@ batch from a generator seeded by (seed, epoch, step) and keeps its own rows, so 
 exactly the views one process would (tests/test_data.py checks it).
 """
 
-import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +73,18 @@ DATASETS = {
 SYNTHETIC_SPLITS = {"pretrain": (50_000, 0), "train": (50_000, 0), "test": (10_000, 1)}  # (n, seed)
 
 
-@functools.lru_cache(maxsize=2)
-def _synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Synthetic images drawn once per process (1.5 s for 50,000 on one core): a test suite
-    trains and evaluates many tiny runs. Read-only: callers slice, never write."""
-    return make_synthetic(n, seed, DATASETS["synthetic"].size)
+_drawn: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _synthetic(n: int, seed: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `limit` (0: all n) synthetic images of a split, drawn once per process and kept
+    (50,000 take 1.5 s on one core, the first 256 0.2 s: a test suite trains and evaluates many
+    tiny runs, some in processes of their own). Read-only: callers slice, never write."""
+    limit = min(limit or n, n)
+    kept = _drawn.get((n, seed))
+    if kept is None or len(kept[0]) < limit:
+        kept = _drawn[(n, seed)] = make_synthetic(n, seed, DATASETS["synthetic"].size, first=limit)
+    return kept[0][:limit], kept[1][:limit]
 
 
 # ---------------------------------------------------------------------------- datasets on disk
@@ -140,13 +147,20 @@ def _read_stl(root: Path, part: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def load_images(name: str, data_dir: str | Path, split: str,
-                download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, 3, H, W) and int64 labels (N,) of an in-memory dataset; see module doc."""
+def load_images(name: str, data_dir: str | Path, split: str, download: bool = True,
+                limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, H, W) and int64 labels (N,) of an in-memory dataset, the first `limit`
+    only if limit > 0; see module doc."""
     if split not in ("pretrain", "train", "test"):
         raise ValueError(f"split must be pretrain, train or test, not {split!r}")
     if name == "synthetic":
-        return _synthetic(*SYNTHETIC_SPLITS[split])
+        return _synthetic(*SYNTHETIC_SPLITS[split], limit)
+    x, y = _read(name, data_dir, split, download)
+    return (x[:limit], y[:limit]) if limit else (x, y)
+
+
+def _read(name: str, data_dir: str | Path, split: str, download: bool
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     if name not in _DOWNLOADS:
         raise ValueError(f"{name!r} is not held in memory; use pretrain_loader / eval_batches")
     root = _folder(name, data_dir, download)
@@ -296,20 +310,20 @@ def pretrain_loader(name: str, data_dir: str | Path, global_batch: int, seed: in
     if not info.in_memory:
         return FolderLoader(data_dir, info, global_batch, seed, device, rank, world_size, workers,
                             subset)
-    images = load_images(name, data_dir, "pretrain")[0]
-    images = (images[:subset] if subset else images).to(device)  # (N, 3, S, S) uint8
+    images = load_images(name, data_dir, "pretrain", limit=subset)[0].to(device)  # (N, 3, S, S)
     return InMemoryLoader(images, global_batch, SimCLRAugment.for_dataset(info), seed, rank,
                           world_size)
 
 
 def eval_batches(name: str, data_dir: str | Path, split: str, batch_size: int,
-                 device: torch.device, workers: int = 8
+                 device: torch.device, workers: int = 8, limit: int = 0
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Labelled, un-augmented (uint8 (B, 3, S, S), labels (B,)) batches on device, for linear
-    evaluation through standardize. Folders (root/val for "test"): resize to 8/7 S, centre crop."""
+    evaluation through standardize, of the first `limit` images if limit > 0 (in memory: folders
+    are read in full). Folders (root/val for "test"): resize to 8/7 S, centre crop."""
     info = DATASETS[name]
     if info.in_memory:
-        x, y = load_images(name, data_dir, split)
+        x, y = load_images(name, data_dir, split, limit=limit)
         for i in range(0, len(x), batch_size):
             yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         return

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def batches(split):                   # (images, labels), the first --subset only if given
         seen = 0
-        for x, y in data.eval_batches(name, data_dir, split, 1024, rt.device):
+        for x, y in data.eval_batches(name, data_dir, split, 1024, rt.device, limit=args.subset):
             if args.subset:
                 x, y = x[:args.subset - seen], y[:args.subset - seen]
             if len(x) == 0:

@@ -32,12 +32,15 @@ SHAPES = {
 }
 
 
-def make_synthetic(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def make_synthetic(n: int, seed: int, size: int = 32, first: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """n images (uint8 (n, 3, size, size)) of one of 10 shapes each, with labels (n,), balanced.
 
     Position, size, rotation (small, so that plus and cross stay apart), object colour and the
     background's two-colour gradient are random per image and independent of the class, so only
     the shape tells the classes apart. Deterministic: the same (n, seed, size), the same tensors.
+    first: only images 0..first-1 of those n, drawn alone (a run on a subset of a few hundred need
+    not draw 50,000): the same pixels, as every image's noise is still drawn from the one stream.
     """
     g = torch.Generator().manual_seed(seed)
     labels = torch.randperm(n, generator=g) % len(SHAPES)  # random order, counts differ by <= 1
@@ -56,17 +59,22 @@ def make_synthetic(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, tor
     target = torch.where(fg_l > 0.5, fg_l - 0.25, fg_l + 0.25)
     push = torch.where((bg_l - fg_l).abs() < 0.25, target - bg_l, 0.0)[:, None]
     p = torch.cat([p[:, :5], fg, (bg + push).clamp(0, 1), (bg2 + push).clamp(0, 1)], 1)
-    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    first = n if first is None else min(first, n)
+    images = torch.empty(first, 3, size, size, dtype=torch.uint8)
     for k, shape in enumerate(SHAPES.values()):
         # one shape at a time, in chunks small enough to stay in the CPU's cache (10x faster)
         for idx in (labels == k).nonzero().squeeze(1).split(256):
-            images[idx] = _draw(shape, p[idx], size, g)
-    return images, labels
+            noise = 0.03 * torch.randn(len(idx), 1, size, size, generator=g)  # sensor noise
+            keep = idx < first
+            if keep.any():
+                images[idx[keep]] = _draw(shape, p[idx[keep]], size, noise[keep])
+    return images, labels[:first]
 
 
-def _draw(shape, p: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+def _draw(shape, p: torch.Tensor, size: int, noise: torch.Tensor) -> torch.Tensor:
     """Images (m, 3, size, size) uint8 of one shape; p (m, 14): centre x, y, radius, rotation,
-    background gradient direction, object colour (3), background colours at the two ends (3 + 3)."""
+    background gradient direction, object colour (3), background colours at the two ends (3 + 3);
+    noise (m, 1, size, size), added to every channel (nothing is flat)."""
     t = (torch.arange(size) + 0.5) / size * 2 - 1      # pixel centres in [-1, 1]
     ys, xs = torch.meshgrid(t, t, indexing="ij")       # (size, size)
     cx, cy = p[:, 0, None, None] * 0.8 - 0.4, p[:, 1, None, None] * 0.8 - 0.4  # (m, 1, 1)
@@ -80,7 +88,7 @@ def _draw(shape, p: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor
     ramp = (xs * d.cos() + ys * d.sin()).mul_(0.35).add_(0.5).clamp_(0, 1)
     x = torch.lerp(p[:, 8:11, None, None], p[:, 11:14, None, None], ramp[:, None])  # (m, 3, S, S)
     x = x.lerp_(p[:, 5:8, None, None], alpha[:, None])
-    x += 0.03 * torch.randn(len(p), 1, size, size, generator=g)  # sensor noise: nothing is flat
+    x += noise
     return x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 

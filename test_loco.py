@@ -486,34 +486,46 @@ def test_one_weight_pass_costs_no_more_memory_than_the_held_output_gradient(vari
 
 # 9. Distributed: two processes equal one ----------------------------------------------------------
 
-def distributed_step(rank: int, world: int, port: int, method: str, out: dict) -> None:
+def distributed_step(rank: int, world: int, port: int, methods: list[str], out: str) -> None:
+    """One process of `world`, with its share of each method's batch: rank 0 saves the averaged
+    gradients, then the averaged losses, of each method to out/<method>.pt."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        run = setup(VARIANTS[method])
-        # Eval-mode BatchNorm normalises each sample alone, so per-process batch statistics do
-        # not enter: what is compared is the loss's gather and the gradient averaging.
-        run.encoder.eval(), run.heads.eval()
-        x1, x2 = views(n=8)
-        b = len(x1) // world
-        rows = slice(rank * b, (rank + 1) * b)
-        losses = step(run, x1[rows], x2[rows])
-        flat = torch.cat([g.flatten() for g in grads([run.encoder, run.heads])]
-                         + [torch.stack(losses)])
-        dist.all_reduce(flat)
-        if rank == 0:
-            out["result"] = flat / world  # averaged gradients, then the averaged losses
+        for method in methods:
+            run = setup(VARIANTS[method])
+            # Eval-mode BatchNorm normalises each sample alone, so per-process batch statistics
+            # do not enter: what is compared is the loss's gather and the gradient averaging.
+            run.encoder.eval(), run.heads.eval()
+            x1, x2 = views(n=8)
+            b = len(x1) // world
+            rows = slice(rank * b, (rank + 1) * b)
+            losses = step(run, x1[rows], x2[rows])
+            flat = torch.cat([g.flatten() for g in grads([run.encoder, run.heads])]
+                             + [torch.stack(losses)])
+            dist.all_reduce(flat)
+            if rank == 0:
+                torch.save(flat / world, f"{out}/{method}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["simclr", "loco"])
-def test_two_processes_with_half_a_batch_each_equal_one_process_with_all(method, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")       # inherited by the two spawned processes
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(distributed_step, args=(2, free_port(), method, out), nprocs=2)
-        two = out["result"]
-    one = {}
-    distributed_step(0, 1, free_port(), method, one)
-    torch.testing.assert_close(two, one["result"], rtol=1e-4, atol=1e-6)
+DISTRIBUTED = ["simclr", "loco"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Every method of DISTRIBUTED on two processes, in one launch."""
+    out = tmp_path_factory.mktemp("distributed")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("OMP_NUM_THREADS", "1")            # inherited by the two spawned processes
+        mp.spawn(distributed_step, args=(2, free_port(), DISTRIBUTED, str(out)), nprocs=2)
+    return {m: torch.load(out / f"{m}.pt", weights_only=True) for m in DISTRIBUTED}
+
+
+@pytest.mark.parametrize("method", DISTRIBUTED)
+def test_two_processes_with_half_a_batch_each_equal_one_process_with_all(method, two_processes,
+                                                                         tmp_path):
+    distributed_step(0, 1, free_port(), [method], str(tmp_path))
+    one = torch.load(tmp_path / f"{method}.pt", weights_only=True)
+    torch.testing.assert_close(two_processes[method], one, rtol=1e-4, atol=1e-6)

@@ -150,6 +150,19 @@ def test_synthetic_data_is_deterministic_from_the_seed_and_balanced():
     assert len(set(y[:20].tolist())) > 3  # shuffled, not sorted by class
 
 
+def test_the_first_synthetic_images_drawn_alone_are_those_of_the_whole_split():
+    """A run on --subset 256 draws only its 256 images: the same pixels and labels as the first
+    256 of the 50,000 (every image's noise still comes from the one stream, in the same order)."""
+    x, y = shapes.make_synthetic(3000, seed=2)
+    for first in (1, 256, 2999):
+        xf, yf = shapes.make_synthetic(3000, seed=2, first=first)
+        assert torch.equal(xf, x[:first]) and torch.equal(yf, y[:first]), first
+    data._drawn.clear()                                  # the split's first 300, then all of it
+    xf, yf = data.load_images("synthetic", "", "test", limit=300)
+    x, y = data.load_images("synthetic", "", "test")
+    assert len(x) == 10_000 and torch.equal(xf, x[:300]) and torch.equal(yf, y[:300])
+
+
 def test_synthetic_colour_is_not_tied_to_class_and_the_stats_table_is_current():
     x, y = shapes.make_synthetic(5000, seed=0)
     x = x.float() / 255

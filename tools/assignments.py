@@ -13,6 +13,7 @@ ASSIGNMENTS.md is the students' text: goal, what to read in the paper, tests, ru
 
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -29,7 +30,13 @@ HERE = cli.ROOT                      # the repository whose copy is made, or gra
 class Assignment:
     title: str
     blanks: dict[str, str]      # "file.py:function" -> the instructions students find there
-    tests: list[str]            # pytest arguments that select the grading tests
+    files: tuple[str, ...] = ()     # the grading tests: those of these files whose name holds
+    keywords: tuple[str, ...] = ()  # one of these (pytest FILES -k "KW or KW ...")
+
+    def grades(self, test: str) -> bool:
+        """Whether this assignment is graded by the test of node id `test` (file::name[id])."""
+        file, _, name = test.partition("::")
+        return file in self.files and any(k in name.lower() for k in self.keywords)
 
 
 ASSIGNMENTS = {
@@ -41,7 +48,7 @@ ASSIGNMENTS = {
         the (2n, 2n) logits, remove each anchor's similarity to itself, use cross-entropy with the
         positive's column as the label. Compute in float32 even under autocast. Across processes,
         the negatives are gather(z): every process's views (losses.gather)."""},
-        ["test_loco.py", "-k", "info_nce"]),
+        ("test_loco.py",), ("info_nce",)),
     2: Assignment("The units of SimCLR, GIM and LoCo", {
         "local_units.py:make_units": """Return the units of `method` on pieces whose stages are
         stage_of (without block sharing: one piece per stage, stage_of = [0, 1, ..., K-1]),
@@ -51,8 +58,8 @@ ASSIGNMENTS = {
         only (Unit.learns); "1block"/"2blocks" end unit k at the first piece of stage k+1;
         "soft" ends it at stage k (its decoder holds a copy of stage k+1). The module docstring
         draws the table of which loss reaches which stage."""},
-        ["test_loco.py", "-k", "shares_every_stage or upper_grad_only_gives or "
-                               "sharing_blocks_cuts or soft_sharing_gives"]),
+        ("test_loco.py",), ("shares_every_stage", "upper_grad_only_gives", "sharing_blocks_cuts",
+                            "soft_sharing_gives")),
     3: Assignment("One local step: each unit's backward, with its cuts", {
         "local_units.py:train_step": """Forward each piece once on both views (concatenated: one
         BatchNorm batch), its input detached, so each piece's graph stands alone; as soon as a
@@ -71,9 +78,9 @@ ASSIGNMENTS = {
         it). Free a piece's graph after its last use (unless in `keep`; `weights` replaces a
         piece's parameters). Return u's gradient at bottom's input if u continues below bottom,
         else None."""},
-        ["test_loco.py", "-k", "reaches_exactly or lower_stage_would or upper_grad_only_still or "
-                               "reference or weight_gradient_once or costs_exactly or "
-                               "forward_once or peak_activation"]),
+        ("test_loco.py",), ("reaches_exactly", "lower_stage_would", "upper_grad_only_still",
+                            "reference", "weight_gradient_once", "costs_exactly", "forward_once",
+                            "peak_activation")),
     4: Assignment("Linear evaluation on frozen features", {
         "linear_eval.py:stage_features": """Global-average-pooled output of every stage, a list of
         (N, C_k) float32 tensors, and the labels (N,), from (uint8 images, labels) batches. The
@@ -83,15 +90,16 @@ ASSIGNMENTS = {
         "linear_eval.py:fit_linear": """Multinomial logistic regression x (N, D) -> classes with an
         L2 penalty l2 * |W|^2 on the weights, fitted by full-batch L-BFGS (torch.optim.LBFGS,
         strong Wolfe line search, `steps` iterations). Return the fitted nn.Linear."""},
-        ["tests/test_eval.py", "-k", "beats_chance or refuses_to_report or paper_protocol"]),
-    5: Assignment("An experiment: one row of Table 4 or 5", {}, []),
+        ("tests/test_eval.py",), ("beats_chance", "refuses_to_report", "paper_protocol")),
+    5: Assignment("An experiment: one row of Table 4 or 5", {}),
 }
 EXPERIMENT = "assignment5.json"     # assignment 5's result file, at the root of the copy
 KEYS = {"row": str, "command": str, "linear_top1": float, "knn_top1": float,
         "paper_top1": float, "explanation": str}
-UNTOUCHED = [["tests/test_data.py", "test_loco.py", "tests/test_runtime.py", "-k",   # run without
-              "grayscale or reproducible or cifar10_layout or stages_chain or published or "
-              "auto_picks or lacks"]]                                             # blanked code
+UNTOUCHED = Assignment("tests that run without blanked code", {}, (   # pass in a fresh copy
+    "tests/test_data.py", "test_loco.py", "tests/test_runtime.py"), (
+    "grayscale", "reproducible", "cifar10_layout", "stages_chain", "published", "auto_picks",
+    "lacks"))
 
 
 # ---------------------------------------------------------------------------- make
@@ -153,15 +161,23 @@ def make(dest: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- grade
-def run_tests(args: list[str], where: Path) -> tuple[int, int, str]:
-    """(passed, total, the first failure's message) of pytest run on args in `where`."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "--tb=line", *args], cwd=where, capture_output=True, text=True).stdout
-    count = lambda word: sum(int(n) for n in re.findall(rf"(\d+) {word}", out.splitlines()[-1]))
-    passed, failed = count("passed"), count("failed") + count("error")
-    reason = next((l.strip() for l in out.splitlines() if "NotImplementedError" in l
-                   or l.startswith("E ")), "")
-    return passed, passed + failed, reason
+def run_tests(assignments: list[Assignment], where: Path) -> dict[str, str]:
+    """The outcome of every test that grades one of `assignments`, in one pytest run in `where`
+    (one start of torch for all): node id -> "" if it passed, else its failure's one line."""
+    files = sorted({f for a in assignments for f in a.files})
+    keywords = " or ".join(k for a in assignments for k in a.keywords)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "--tb=no", "-p",
+                          "no:cacheprovider", *files, "-k", keywords], cwd=where,
+                         capture_output=True, text=True,     # summary lines unshortened:
+                         env={**os.environ, "COLUMNS": "1000"}).stdout
+    outcomes = {}
+    for line in out.splitlines():           # -rA: "PASSED id", "FAILED id - why", "ERROR id - why"
+        word, _, rest = line.partition(" ")
+        if word in ("PASSED", "FAILED", "ERROR"):
+            test, _, why = rest.partition(" - ")
+            if outcomes.get(test, "") == "":     # a failure is kept (a test may also error after)
+                outcomes[test] = "" if word == "PASSED" else why or word.lower()
+    return {t: why for t, why in outcomes.items() if any(a.grades(t) for a in assignments)}
 
 
 def grade_experiment(where: Path) -> tuple[int, int, str]:
@@ -182,13 +198,22 @@ def grade_experiment(where: Path) -> tuple[int, int, str]:
 
 
 def grade(numbers: list[int], where: Path = HERE) -> dict[int, tuple[int, int]]:
+    numbers = numbers or list(ASSIGNMENTS)
+    tested = [ASSIGNMENTS[n] for n in numbers if ASSIGNMENTS[n].files]
+    outcomes = run_tests(tested, where) if tested else {}
     scores = {}
-    for n in numbers or ASSIGNMENTS:
+    for n in numbers:
         a = ASSIGNMENTS[n]
-        passed, total, reason = (run_tests(a.tests, where) if a.tests else grade_experiment(where))
+        if a.files:
+            mine = [why for test, why in outcomes.items() if a.grades(test)]
+            passed, total = mine.count(""), len(mine)
+            reason = next((why for why in mine if why), "")
+        else:
+            passed, total, reason = grade_experiment(where)
         if total == 0:                   # no test of this assignment ran: not a student copy
-            raise cli.UserError(f"{where} holds none of assignment {n}'s tests ({' '.join(a.tests)}"
-                                f"): grade inside a copy written by `assignments.py make DEST`")
+            raise cli.UserError(f"{where} holds none of assignment {n}'s tests ({' '.join(a.files)} "
+                                f"-k {' or '.join(a.keywords)}): grade inside a copy written by "
+                                f"`assignments.py make DEST`")
         scores[n] = (passed, total)
         print(f"assignment {n}  {a.title:<55} {passed:>3}/{total:<3} {100 * passed / max(1, total):5.0f}%"
               + (f"\n    {reason}" if reason and passed < total else ""), flush=True)
