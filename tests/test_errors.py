@@ -345,3 +345,14 @@ def test_ctrl_c_before_the_loop_says_that_nothing_was_written(tmp_path, monkeypa
 def test_grading_a_folder_without_the_assignments_tests_is_refused(tmp_path):
     with pytest.raises(cli.UserError, match="holds none of assignment 1's tests"):
         assignments.grade([1], where=tmp_path)
+
+
+def test_a_test_file_that_does_not_import_scores_zero_with_its_error(tmp_path, capsys):
+    """A student's syntax error fails the assignment and says why; a conftest that does not
+    import stops pytest before any test: one line, not "holds none of the tests"."""
+    (tmp_path / "test_loco.py").write_text("def test_info_nce(:\n")
+    assert assignments.grade([1], where=tmp_path) == {1: (0, 1)}
+    assert "SyntaxError" in capsys.readouterr().out
+    (tmp_path / "conftest.py").write_text("import no_such_module_here\n")
+    with pytest.raises(cli.UserError, match="pytest could not run the tests in .*no_such_module"):
+        assignments.grade([1], where=tmp_path)

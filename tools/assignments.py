@@ -34,9 +34,10 @@ class Assignment:
     keywords: tuple[str, ...] = ()  # one of these (pytest FILES -k "KW or KW ...")
 
     def grades(self, test: str) -> bool:
-        """Whether this assignment is graded by the test of node id `test` (file::name[id])."""
+        """Whether this assignment is graded by the test of node id `test` (file::name[id]), or
+        by `test`, a file of its tests that failed to import (all its tests then fail)."""
         file, _, name = test.partition("::")
-        return file in self.files and any(k in name.lower() for k in self.keywords)
+        return file in self.files and (not name or any(k in name.lower() for k in self.keywords))
 
 
 ASSIGNMENTS = {
@@ -164,19 +165,32 @@ def make(dest: Path) -> list[str]:
 def run_tests(assignments: list[Assignment], where: Path) -> dict[str, str]:
     """The outcome of every test that grades one of `assignments`, in one pytest run in `where`
     (one start of torch for all): node id -> "" if it passed, else its failure's one line."""
-    files = sorted({f for a in assignments for f in a.files})
+    files = sorted({f for a in assignments for f in a.files if (where / f).is_file()})
+    if not files:
+        return {}
     keywords = " or ".join(k for a in assignments for k in a.keywords)
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "--tb=no", "-p",
+    job = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "--tb=line", "-p",
                           "no:cacheprovider", *files, "-k", keywords], cwd=where,
                          capture_output=True, text=True,     # summary lines unshortened:
-                         env={**os.environ, "COLUMNS": "1000"}).stdout
+                         env={**os.environ, "COLUMNS": "1000"})
+    said = (job.stdout + job.stderr).splitlines()
+    blocks, inside = [], False         # the "E " lines of each error pytest printed in full
+    for line in said:
+        if line.startswith("E ") and not inside:
+            blocks.append([])
+        if inside := line.startswith("E "):
+            blocks[-1].append(line[1:].strip())
+    error = " ".join(l for l in (blocks or [[]])[-1] if l.strip("^ "))   # the last one
     outcomes = {}
-    for line in out.splitlines():           # -rA: "PASSED id", "FAILED id - why", "ERROR id - why"
+    for line in job.stdout.splitlines():    # -rA: "PASSED id", "FAILED id - why", "ERROR id - why"
         word, _, rest = line.partition(" ")
         if word in ("PASSED", "FAILED", "ERROR"):
-            test, _, why = rest.partition(" - ")
+            test, _, why = rest.partition(" - ")   # a file that fails to import: no why, its error
             if outcomes.get(test, "") == "":     # a failure is kept (a test may also error after)
-                outcomes[test] = "" if word == "PASSED" else why or word.lower()
+                outcomes[test] = "" if word == "PASSED" else why or error or word.lower()
+    if not outcomes and job.returncode not in (0, 5):      # 5: no test to run here
+        raise cli.UserError(f"pytest could not run the tests in {where} (exit {job.returncode}): "
+                            f"{error or (said or [''])[-1].strip()}")
     return {t: why for t, why in outcomes.items() if any(a.grades(t) for a in assignments)}
 
 
