@@ -146,6 +146,7 @@ CASES = [
     ("curves.py", ["{root}/run", "--out", "{root}/notes.txt/c.png"], "not a writable", 2),
     ("tools/benchmark.py", ["speed", "--steps", "0"], "--steps.*above 0", 2),
     ("tools/benchmark.py", ["fast"], "invalid choice: 'fast'", 2),
+    ("tools/benchmark.py", ["pipeline", "--placement", "2,0"], "--placement: '2,0'", 2),
     ("tools/benchmark.py", ["train", "--data-dir", "{root}/nowhere"], "cifar10: .*not found", 1),
     ("tools/detect.py", ["{root}/missing.pt"], "missing.pt: no such checkpoint", 1),
     ("tools/detect.py", ["{root}/notes.txt"], "notes.txt is not a checkpoint written by train", 1),

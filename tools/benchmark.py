@@ -20,6 +20,7 @@ device: a CPU timing is a CPU figure, never a GPU one.
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -313,9 +314,11 @@ def projection(stages: list[float], devices: int) -> dict:
             "bubble": round(1 - sum(stages) / (devices * slowest), 2)}
 
 
-def pipeline_table(steps: int, configs=None, methods=("loco", "gim"), projected=()) -> dict:
+def pipeline_table(steps: int, configs=None, methods=("loco", "gim"), projected=(),
+                   placement: str | None = None) -> dict:
     """images/s of each setting of SETTINGS on this machine's 2 cores, each in its own
-    processes; then the projection for K devices from per-stage times (only that for the
+    processes, and async with `placement` (train.py's --placement) where the encoder has that
+    many stages; then the projection for K devices from per-stage times (only that for the
     encoders of `projected`)."""
     import subprocess
     import sys
@@ -339,8 +342,12 @@ def pipeline_table(steps: int, configs=None, methods=("loco", "gim"), projected=
                   + ("" if time_it else " projection only"))
             if time_it:
                 entry["settings"] = rows = {}
-                groups = pipeline.place(stages, 2, list(range(len(stages) - 1)))  # one placement
-                for name, procs, threads, mode in SETTINGS:
+                cuts = list(range(len(stages) - 1))
+                settings = [(*setting, pipeline.place(stages, 2, cuts)) for setting in SETTINGS]
+                if placement and sum(map(int, placement.split(","))) == len(stages):
+                    settings.append((f"pipeline 2 x 1 async, {placement}", 2, 1, "async",
+                                     pipeline.by_hand(placement, len(stages), cuts, "async")))
+                for name, procs, threads, mode, groups in settings:
                     cfg = {"arch": arch, "stem": stem, "width": width, "batch": batch,
                            "size": size, "method": method, "processes": procs,
                            "threads": threads, "mode": mode, "steps": steps,
@@ -350,10 +357,14 @@ def pipeline_table(steps: int, configs=None, methods=("loco", "gim"), projected=
                         launcher = ([sys.executable, "-m", "torch.distributed.run",
                                      f"--nproc_per_node={procs}", "--master-port",
                                      str(free_port())] if procs > 1 else [sys.executable])
-                        subprocess.run([*launcher, "-m", "tools.benchmark", "pipeline-worker",
-                                        "--config", json.dumps(cfg), "--out", str(result)],
-                                       check=True, cwd=cli.ROOT, capture_output=True,
-                                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                        job = subprocess.run([*launcher, "-m", "tools.benchmark",
+                                              "pipeline-worker", "--config", json.dumps(cfg),
+                                              "--out", str(result)], cwd=cli.ROOT,
+                                             capture_output=True, text=True,
+                                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                        if job.returncode:
+                            raise RuntimeError(f"{name} ({arch}, {method}) failed:\n"
+                                               f"{job.stderr[-3000:]}")
                         rows[name] = json.loads(result.read_text())
                 base = rows[SETTINGS[0][0]]["images_per_s"]
                 for r in rows.values():
@@ -478,10 +489,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--archs", default="resnet18,presnet50,resnet50",
                    help="pipeline: the encoders of PIPELINE_CONFIGS (timed) and PROJECTED "
                    "(projection only)")
+    p.add_argument("--placement", default=None,
+                   help="pipeline: also time async with this placement (stages per process, as "
+                   "train.py's --placement, e.g. 2,2) on the encoders with that many stages")
     p.add_argument("--smoke", action="store_true", help="every table at a toy size, one step "
                    "each: checks that the code runs, measures nothing")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
+    if args.placement and not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)+", args.placement):
+        p.error(f"argument --placement: {args.placement!r}: give each process's number of "
+                f"stages, e.g. 2,2")
     if args.what == "pipeline-worker":   # one process of the pipeline table's runs
         return pipeline_worker(json.loads(args.config), args.out)
     if args.out:
@@ -510,7 +527,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            if c[0] in args.archs.split(",")]
         results["pipeline"] = pipeline_table(
             smoke.get("steps", args.steps), configs,
-            projected=[] if args.smoke else [c for c in PROJECTED if c[0] in args.archs.split(",")])
+            projected=[] if args.smoke else [c for c in PROJECTED if c[0] in args.archs.split(",")],
+            placement=args.placement)
     if args.out:
         cli.write_atomic(args.out, json.dumps(results, indent=2))
     return results
