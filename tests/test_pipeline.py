@@ -188,6 +188,14 @@ def test_placement_balances_measured_costs_and_async_cuts_only_where_units_start
     # async: a unit crossing the cut must start just below it; S2a-S3a crosses S2b|S3a from S2a
     assert pipeline.cuts(loco, 7, "async") == [0, 1, 3, 5]
     assert pipeline.cuts(L.make_units("gim", [0, 1, 2, 3]), 4, "async") == [0, 1, 2]
+    # async prefers cuts where the piece below also learns from a fresh unit: not after LoCo's
+    # S1 (its one unit straddles the cut), nor, under "upper", after a stage the unit above owns
+    plain = L.make_units("loco", [0, 1, 2, 3])
+    assert pipeline.fresh(plain, pipeline.cuts(plain, 4, "async")) == [1, 2]
+    upper = L.make_units("loco", [0, 1, 2, 3], sharing="upper")
+    assert pipeline.fresh(upper, pipeline.cuts(upper, 4, "async")) == []
+    assert pipeline.fresh(L.make_units("gim", [0, 1, 2, 3]), [0, 1, 2]) == [0, 1, 2]
+    assert pipeline.fresh(loco, pipeline.cuts(loco, 7, "async")) == [1, 3, 5]
     assert pipeline.by_hand("2,2", 4, [0, 1, 2], "async") == [range(0, 2), range(2, 4)]
     for bad, why in (("2,1", "4 in all"), ("0,4", "at least one"), ("x", "each process's")):
         with pytest.raises(UserError, match=why):
