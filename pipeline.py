@@ -418,8 +418,8 @@ def own_state(run: recipe.Run, optimizer: torch.optim.Optimizer) -> dict:
 def build(run: recipe.Run, rt: Runtime, cfg: dict, size: int, tau: float,
           first_s: float = 0.0, groups: list[range] | None = None) -> Pipeline:
     """Place the pieces (measured on the first process, told to the others; async prefers the
-    cuts of `fresh`) and keep this process's. `first_s`: seconds the first process spends on a batch besides (augmenting it).
-    `groups` overrides the placement (tests)."""
+    cuts of `fresh`) and keep this process's. `first_s`: seconds the first process spends on a
+    batch besides (augmenting it). `groups` overrides the placement (tests)."""
     mode = mode_of(cfg)
     allowed = cuts(run.units, len(run.pieces), mode)
     if groups is None and cfg.get("placement"):
