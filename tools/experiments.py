@@ -171,9 +171,9 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
                                                       f"later sitting)" if late else ""))
     deadline = time.time() + 60 * minutes if minutes else None
     env = dict(os.environ)
-    if jobs > 1 and not env.get("OMP_NUM_THREADS"):   # set but empty counts as unset: two busy
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))  # jobs with two
-                                                              # threads each wait on each other
+    if jobs > 1 and not env.get("OMP_NUM_THREADS"):       # set but empty counts as unset
+        # two busy jobs with two threads each wait on each other
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     mutex, running, ran, state = threading.Lock(), set(), set(), {"error": None, "late": False}
 
     def pick() -> Step | None:
