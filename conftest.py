@@ -1,6 +1,8 @@
 """Helpers shared by the test files: a tiny training configuration, a free port for process
-groups, and one short LoCo run that several tests read (trained once per test session)."""
+groups, a start for several processes, and one short LoCo run that several tests read (trained
+once per test session)."""
 
+import multiprocessing
 import pickle
 import socket
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import train
 
@@ -31,6 +34,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# A spawned process imports torch again (and torch._dynamo, which the first optimizer imports):
+# ~2.5 s, most of a small multi-process test. The processes of `processes` are forked instead from
+# one server that imported them once a session and computed nothing (no thread pool has started,
+# so the fork is as safe as a DataLoader worker's).
+multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "train", "pipeline"])
+
+
+def processes(fn, args: tuple, nprocs: int) -> None:
+    """mp.spawn(fn, args, nprocs), each process on one thread (two busy threads per core run ~10x
+    slower), forked from the server above (spawned where there is none: Windows). Environment
+    variables set here after the server started do not reach them: set them in `fn`."""
+    way = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    mp.start_processes(one_thread, args=(fn, *args), nprocs=nprocs, start_method=way)
+
+
+def one_thread(rank: int, fn, *args) -> None:
+    torch.set_num_threads(1)
+    fn(rank, *args)
 
 
 def state(run: Path) -> dict:

@@ -11,14 +11,13 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import local_units as L
 import model
 import recipe
 import runtime
 from memory import LiveBytes, SavedBytes
-from conftest import free_port
+from conftest import free_port, processes
 from losses import info_nce
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -517,9 +516,7 @@ DISTRIBUTED = ["simclr", "loco"]
 def two_processes(tmp_path_factory) -> dict[str, torch.Tensor]:
     """Every method of DISTRIBUTED on two processes, in one launch."""
     out = tmp_path_factory.mktemp("distributed")
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("OMP_NUM_THREADS", "1")            # inherited by the two spawned processes
-        mp.spawn(distributed_step, args=(2, free_port(), DISTRIBUTED, str(out)), nprocs=2)
+    processes(distributed_step, (2, free_port(), DISTRIBUTED, str(out)), 2)   # as mp.spawn
     return {m: torch.load(out / f"{m}.pt", weights_only=True) for m in DISTRIBUTED}
 
 

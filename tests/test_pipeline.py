@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import local_units as L
 import pipeline
 import recipe
 import runtime
-from conftest import TINY, free_port
+from conftest import TINY, free_port, processes
 from conftest import state as saved
 from cli import UserError
 from losses import info_nce
@@ -75,7 +74,7 @@ def worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) -> None
 
 
 def launch(world: int, cfgs: list[dict], tmp_path: Path) -> list[dict]:
-    mp.spawn(worker, args=(world, free_port(), cfgs, str(tmp_path)), nprocs=world)
+    processes(worker, (world, free_port(), cfgs, str(tmp_path)), world)
     return [torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in range(len(cfgs))]
 
 

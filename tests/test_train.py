@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import decoders
 import local_units
 import recipe
 import runtime
 import train
-from conftest import TINY, crash_after_save, free_port, state
+from conftest import TINY, crash_after_save, free_port, processes, state
 from cli import UserError
 
 
@@ -171,7 +170,7 @@ def test_two_processes_train_in_every_precision_and_equal_one_process_in_float64
     exact = [*TINY, "--method", "loco", "--epochs", "2", "--subset", "128", "--sync-bn",
              "--precision", "fp64"]
     runs.append([*exact, "--out", str(tmp_path / "two")])
-    mp.spawn(torchrun_matrix, args=(2, [free_port() for _ in runs], runs), nprocs=2)
+    processes(torchrun_matrix, (2, [free_port() for _ in runs], runs), 2)
     for argv in runs:
         ckpt = state(Path(argv[-1]))
         assert ckpt["epoch"] + 1 == int(argv[argv.index("--epochs") + 1])
