@@ -3,6 +3,7 @@ groups, a start for several processes, and one short LoCo run that several tests
 once per test session)."""
 
 import multiprocessing
+import os
 import pickle
 import socket
 from pathlib import Path
@@ -54,6 +55,16 @@ def processes(fn, args: tuple, nprocs: int) -> None:
 def one_thread(rank: int, fn, *args) -> None:
     torch.set_num_threads(1)
     fn(rank, *args)
+
+
+def as_torchrun(rank: int, world: int, ports: list[int], runs: list[list[str]]) -> None:
+    """One process of a `world`-process job of `processes`, in the environment torchrun gives
+    it, running train.py on every argv in turn (a port each)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    for port, argv in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)
+        train.main(argv)
 
 
 def state(run: Path) -> dict:

@@ -17,7 +17,7 @@ import local_units
 import recipe
 import runtime
 import train
-from conftest import TINY, crash_after_save, free_port, processes, state
+from conftest import TINY, as_torchrun, crash_after_save, free_port, processes, state
 from cli import UserError
 
 
@@ -147,16 +147,6 @@ def test_every_sharing_and_decoder_trains_a_step_on_every_arch(arch):
         assert recipe.bad_tensor(run.encoder.state_dict()) is None, cfg
 
 
-def torchrun_matrix(rank: int, world: int, ports: list[int], runs: list[list[str]]) -> None:
-    """One process of a two-process job, as torchrun would start it, running every argv."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    for port, argv in zip(ports, runs):
-        os.environ["MASTER_PORT"] = str(port)
-        train.main(argv)
-
-
 def test_two_processes_train_in_every_precision_and_equal_one_process_in_float64(tmp_path):
     """The precisions the device rule can pick (pinned: auto differs by machine) x global
     BatchNorm on and off, each one step on two processes (gloo), as torchrun starts them. bf16
@@ -170,7 +160,7 @@ def test_two_processes_train_in_every_precision_and_equal_one_process_in_float64
     exact = [*TINY, "--method", "loco", "--epochs", "2", "--subset", "128", "--sync-bn",
              "--precision", "fp64"]
     runs.append([*exact, "--out", str(tmp_path / "two")])
-    processes(torchrun_matrix, (2, [free_port() for _ in runs], runs), 2)
+    processes(as_torchrun, (2, [free_port() for _ in runs], runs), 2)
     for argv in runs:
         ckpt = state(Path(argv[-1]))
         assert ckpt["epoch"] + 1 == int(argv[argv.index("--epochs") + 1])
