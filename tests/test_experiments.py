@@ -2,9 +2,15 @@
 GPU plan's smoke mode runs every one of its steps on the CPU, so that a lent GPU's first run is
 not the first run of this code."""
 
+import multiprocessing
 import os
+import runpy
+import subprocess
+import sys
+import types
 
 import pytest
+import torch
 
 from tools import experiments
 from conftest import write_fake_cifar10
@@ -42,7 +48,42 @@ def test_a_failing_step_names_the_step_and_the_log(tmp_path):
         raise AssertionError("a failing step passed")
 
 
-def test_the_gpu_plan_runs_every_step_in_smoke_mode(tmp_path, capsys):
+class Forked:
+    """subprocess.Popen([python, *args]) as a plan's step uses it, the process forked from the
+    session's server (conftest.processes), which has imported torch, instead of a new
+    interpreter importing it again (~2.5 s a step, most of a smoke step). For the GPU plan, whose
+    steps, files and tables are what its test checks; the other tests here start real ones."""
+
+    def __init__(self, argv, stdout, stderr, env, cwd):
+        self.process = multiprocessing.get_context("forkserver").Process(
+            target=run_script, args=(argv[1:], stdout.name, env, str(cwd)))
+        self.process.start()
+        self.pid = self.process.pid
+
+    def wait(self) -> int:
+        self.process.join()
+        return self.process.exitcode
+
+
+def run_script(args: list[str], log: str, env: dict, cwd: str) -> None:
+    """`python *args` in this process: its directory, environment, threads and output."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or os.cpu_count()))
+    out = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(out, 1), os.dup2(out, 2)
+    if args[0] == "-m":
+        sys.argv = args[1:]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = args
+        runpy.run_path(args[0], run_name="__main__")
+
+
+def test_the_gpu_plan_runs_every_step_in_smoke_mode(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(experiments, "subprocess", types.SimpleNamespace(
+        Popen=Forked, STDOUT=subprocess.STDOUT))
     write_fake_cifar10(tmp_path / "data", per_batch=60, test=200)
     out = tmp_path / "gpu"
     args = ["gpu", "--smoke", "--data-dir", str(tmp_path / "data"), "--out", str(out),
