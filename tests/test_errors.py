@@ -1,6 +1,7 @@
 """Bad input and interrupts, at every entry point: one line that names the flag or file at fault,
 exit code 2 (a flag) or 1 (a file, the data), and nothing written or changed on disk. A bug in the
-code still shows its traceback. The NaN guards, resume refusal and a torn log line too.
+code still shows its traceback. The NaN guards and resume refusal too (a torn log line:
+test_train.py's resume test).
 
 Every case runs its script in this process (no interpreter start-up per case); the one tiny run
 that several cases need is trained once (`run_dir`).
@@ -258,25 +259,6 @@ def test_ctrl_c_ends_with_one_line_saying_what_was_saved_and_how_to_continue(
     err = capsys.readouterr().err.strip()
     assert e.value.code == 130 and len(err.splitlines()) == 1
     assert "holds epoch 0" in err and "--resume" in err
-
-
-def test_resume_continues_past_a_torn_last_line_of_the_log(tmp_path, monkeypatch):
-    """A crash while log.csv was being appended leaves half a line; resume drops it (and every
-    line after the checkpoint's step), rewriting the log atomically, and ends as an uninterrupted
-    run does."""
-    args = [*TINY, "--method", "gim", "--epochs", "2"]
-    train.main([*args, "--out", str(tmp_path / "straight")])
-    crash_after_save(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*args, "--out", str(tmp_path / "resumed")])
-    monkeypatch.undo()
-    with open(tmp_path / "resumed" / "log.csv", "a") as f:
-        f.write("1,4,0.5,4.61")                     # torn: a crash in the middle of a row
-    train.main([*args, "--out", str(tmp_path / "resumed"), "--resume"])
-    straight = (tmp_path / "straight" / "log.csv").read_text()
-    assert (tmp_path / "resumed" / "log.csv").read_text() == straight
-    for k, v in state(tmp_path / "straight")["encoder"].items():
-        assert torch.equal(state(tmp_path / "resumed")["encoder"][k], v)
 
 
 def test_resume_may_change_only_where_and_how_a_run_is_reported(tmp_path, capsys):
