@@ -39,8 +39,8 @@ def free_port() -> int:
 
 # A spawned process imports torch again (and torch._dynamo, which the first optimizer imports):
 # ~2.5 s, most of a small multi-process test. The processes of `processes` are forked instead from
-# one server that imported them once a session and computed nothing (no thread pool has started,
-# so the fork is as safe as a DataLoader worker's).
+# one server that imported them once a session and computed nothing, so that no thread pool is
+# running when it forks (a DataLoader forks its workers from a process that has computed).
 multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "train", "pipeline"])
 
 

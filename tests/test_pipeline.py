@@ -242,10 +242,12 @@ def test_a_killed_process_ends_the_pipeline_and_resume_continues_it_exactly(tmp_
     errors = open(tmp_path / "killed.err", "w")
     t = time.time()
     killed = torchrun(str(script), [*args, "--out", str(tmp_path / "resumed")], errors)
-    processes(as_torchrun, (2, [free_port()], [[*args, "--out", str(tmp_path / "straight")]]),
-              2)                                                 # side by side with the killed
-    code = killed.wait(timeout=300)
-    errors.close()
+    try:                                                         # side by side with it
+        processes(as_torchrun, (2, [free_port()], [[*args, "--out", str(tmp_path / "straight")]]),
+                  2)
+    finally:
+        code = killed.wait(timeout=300)
+        errors.close()
     assert code != 0 and time.time() - t < 120
     # the other process stops in its next message (the peer is gone) or at torchrun's SIGTERM,
     # whichever comes first, and says in one line what is saved
