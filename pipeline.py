@@ -106,10 +106,9 @@ def fresh(units: list[L.Unit], allowed: list[int]) -> list[int]:
     return [j for j in allowed if not late(j) or any(j in u.learns and u.last <= j for u in units)]
 
 
-def preferred(units: list[L.Unit], pieces: int, mode: str, P: int) -> list[int]:
-    """The cuts a measured placement chooses among: every valid one, or under async those of
-    `fresh`, as long as they leave enough for P processes."""
-    allowed = cuts(units, pieces, mode)
+def preferred(units: list[L.Unit], allowed: list[int], mode: str, P: int) -> list[int]:
+    """The cuts a measured placement chooses among: every valid one (`allowed`, of `cuts`), or
+    under async those of `fresh`, as long as they leave enough for P processes."""
     mine = fresh(units, allowed) if mode == "async" else allowed
     return mine if len(mine) >= P - 1 else allowed
 
@@ -442,7 +441,7 @@ def build(run: recipe.Run, rt: Runtime, cfg: dict, size: int, tau: float,
         costs = piece_costs(run, x, tau, rt)      # per probe batch: scale to the real one
         scale = cfg["batch_size"] / rt.data_world / batch
         costs = [c * scale for c in costs]
-        prefer = preferred(run.units, len(run.pieces), mode, rt.stages)
+        prefer = preferred(run.units, allowed, mode, rt.stages)
         plan = [place(costs, rt.stages, prefer, first_s), costs]
         run.encoder.load_state_dict({k: keep[k] for k in run.encoder.state_dict()})
         run.heads.load_state_dict({k[2:]: v for k, v in keep.items() if k.startswith("h.")})

@@ -343,14 +343,14 @@ def pipeline_table(steps: int, configs=None, methods=("loco", "gim"), projected=
             if time_it:
                 entry["settings"] = rows = {}
                 units = L.make_units(method, list(range(len(stages))))   # placed as train.py
-                placed = {m: pipeline.place(stages, 2, pipeline.preferred(units, len(stages), m, 2))
-                          for m in ("sync", "async")}
+                allowed = {m: pipeline.cuts(units, len(stages), m) for m in ("sync", "async")}
+                placed = {m: pipeline.place(stages, 2, pipeline.preferred(units, a, m, 2))
+                          for m, a in allowed.items()}
                 settings = [(*setting, placed["async" if setting[3] == "async" else "sync"])
                             for setting in SETTINGS]
                 if placement and sum(map(int, placement.split(","))) == len(stages):
                     settings.append((f"pipeline 2 x 1 async, {placement}", 2, 1, "async",
-                                     pipeline.by_hand(placement, len(stages),
-                                                      pipeline.cuts(units, len(stages), "async"),
+                                     pipeline.by_hand(placement, len(stages), allowed["async"],
                                                       "async")))
                 for name, procs, threads, mode, groups in settings:
                     cfg = {"arch": arch, "stem": stem, "width": width, "batch": batch,
