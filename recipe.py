@@ -112,7 +112,8 @@ def check(cfg: dict) -> None:
     if method == "simclr" and cfg.get("top_decoder"):
         refuse("--top-decoder: SimCLR's one head is on the top stage; choose its decoder with "
                "--decoder")
-    if cfg.get("top_decoder") and cfg["top_decoder"] == (decoder or "none"):
+    decoder = decoder or decoders.default(method)
+    if cfg.get("top_decoder") and cfg["top_decoder"] == decoder:
         refuse(f"--top-decoder {cfg['top_decoder']} is what --decoder gives every head already: "
                f"leave it out")
     if decoder in ("stage", "full") and method == "simclr":
@@ -139,7 +140,7 @@ def build(cfg: dict, rt: Runtime, lr: float = 0.0) -> Run:
         raise UserError(f"--width {cfg['width']:g}: {e}", flag=True) from None
     pieces, stage_of = L.make_pieces(encoder.stages, sharing)
     units = L.make_units(method, stage_of, cfg.get("top_unit", True), sharing)
-    decoder = cfg.get("decoder") or "none"   # Sec. 5.1: MLP-only decoders, the local ones too
+    decoder = cfg.get("decoder") or decoders.default(method)   # Sec. 5.4: a conv block + MLP
     heads = decoders.make_heads(encoder.stages, pieces, stage_of, units, decoder,
                                 cfg.get("mlp_layers", 2),
                                 (cfg.get("soft_coef") or SOFT_COEF) if sharing == "soft" else None,
@@ -175,14 +176,20 @@ def bad_tensor(state: dict) -> str | None:
     return None
 
 
+# Flags added after runs were recorded, with the value those runs had: no --top-decoder, one
+# process (no pipeline, so no mode and no placement)
+BEFORE_FLAGS = {"top_decoder": None, "pipeline": 1, "pipeline_mode": None, "placement": None}
+
+
 def upgraded(cfg: dict) -> dict:
     """A configuration as older checkpoints recorded it, in today's terms: soft_coef was
-    recorded whatever the sharing, and no decoder meant one conv block for GIM and LoCo."""
-    cfg = dict(cfg)
+    recorded whatever the sharing, and no decoder meant the paper's (one conv block for GIM and
+    LoCo); runs that trained MLP-only decoders recorded "none" and stay so."""
+    cfg = {**BEFORE_FLAGS, **cfg}
     if cfg.get("sharing", "stage") != "soft":
         cfg["soft_coef"] = None
     if cfg.get("decoder") is None:
-        cfg["decoder"] = "none" if cfg["method"] == "simclr" else "block"
+        cfg["decoder"] = decoders.default(cfg["method"])
     return cfg
 
 

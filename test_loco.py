@@ -35,16 +35,14 @@ VARIANTS = {
     "loco, sharing 2 blocks": {"method": "loco", "sharing": "2blocks"},
     "loco, soft sharing": {"method": "loco", "sharing": "soft", "soft_coef": 1e-2},
     "simclr, 1 conv block, 4-layer MLP": {"method": "simclr", "decoder": "block", "mlp_layers": 4},
-    "gim, one conv block": {"method": "gim", "decoder": "block"},
+    "gim, MLP-only decoders": {"method": "gim", "decoder": "none"},
     "gim, 2 conv blocks": {"method": "gim", "decoder": "2blocks"},
     "gim, block without downsampling": {"method": "gim", "decoder": "block-nods"},
     "gim, one stage": {"method": "gim", "decoder": "stage"},
     "gim, full network": {"method": "gim", "decoder": "full"},
-    "loco, one conv block": {"method": "loco", "decoder": "block"},
-    "loco, MLP-only decoders on the top stage": {"method": "loco", "decoder": "block",
-                                                 "top_decoder": "none"},
-    "gim, MLP-only decoder on the top stage": {"method": "gim", "decoder": "block",
-                                               "top_decoder": "none"},
+    "loco, MLP-only decoders": {"method": "loco", "decoder": "none"},
+    "loco, MLP-only decoders on the top stage": {"method": "loco", "top_decoder": "none"},
+    "gim, MLP-only decoder on the top stage": {"method": "gim", "top_decoder": "none"},
 }
 
 
@@ -311,6 +309,19 @@ def test_every_piece_and_head_runs_forward_once_per_step(variant):
     assert calls == [1] * len(calls)
 
 
+def test_the_paper_decoders_are_the_default_one_strided_block_on_every_local_head():
+    """Sec. 5.4/5.5: GIM's and LoCo's every head is one residual conv block with downsampling,
+    then the 2-layer MLP; SimCLR's is the MLP alone. A default that drifted would train a variant."""
+    for method in ("gim", "loco"):
+        run = setup({"method": method})
+        for head, unit in zip(run.heads, run.units):
+            c = run.encoder.channels[run.stage_of[unit.last]]
+            assert isinstance(head.convs, model.Bottleneck)
+            assert head.convs.eval()(torch.randn(2, c, 8, 8)).shape == (2, c, 4, 4)   # stride 2
+            assert sum(isinstance(m, torch.nn.Linear) for m in head.mlp) == 2
+    assert isinstance(setup({"method": "simclr"}).heads[0].convs, torch.nn.Identity)
+
+
 def test_decoders_have_the_depth_table_4_describes():
     run = setup({"method": "gim", "decoder": "block"})
     size = lambda m: sum(p.numel() for p in m.parameters())
@@ -337,7 +348,7 @@ BLOCK = {"decoder": "block"}
     ({"method": "loco", **BLOCK, "top_decoder": "none"}, [True, True, False, False]),  # S2 S3 S4 S4
     ({"method": "loco", **BLOCK, "top_decoder": "none", "top_unit": False}, [True, True, False]),
     ({"method": "gim", **BLOCK, "top_decoder": "none"}, [True, True, True, False]),    # S1..S4
-    ({"method": "loco", "top_decoder": "block"}, [False, False, True, True]),   # default: none
+    ({"method": "loco", "decoder": "none", "top_decoder": "block"}, [False, False, True, True]),
     ({"method": "loco", **BLOCK, "sharing": "soft", "top_decoder": "none"}, [True, True, False,
                                                                              False]),
 ])

@@ -58,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--arch", default="resnet18", choices=list(model.ENCODERS))
     what.add_argument("--width", type=pos(float), default=1.0, help="channel multiplier")
     what.add_argument("--decoder", default=None, choices=decoders.DECODERS,
-                      help="conv layers of every decoder (Table 4); default: none, pooling and a "
-                           "2-layer MLP, as Sec. 5.1 gives every method in Table 1 (the paper's "
-                           "ablations, Tables 4 and 5, use block)")
+                      help="conv layers before every decoder's pooling and MLP (Table 4); "
+                           "default: the paper's, block for gim and loco (Sec. 5.4), none for "
+                           "simclr")
     what.add_argument("--top-decoder", default=None, choices=decoders.DECODERS[:4],
                       help="GIM and LoCo: conv layers of the decoders on the top stage; default: "
                            "those of --decoder")
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--time-limit", type=pos(float), default=None,
                    help="minutes: stop after the epoch in which they run out (continue with --resume)")
     args = p.parse_args(argv)
-    args.decoder = args.decoder or "none"   # recorded as it is (the default has changed once)
+    args.decoder = args.decoder or decoders.default(args.method)   # recorded as it is
     recipe.check(vars(args))             # flags that contradict each other, before any work
     pipeline.check(vars(args), model.STAGES[args.arch])
     args.out = args.out or f"runs/{args.method}"

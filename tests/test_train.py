@@ -131,7 +131,8 @@ def configurations():
     yield from ({"method": "loco", "sharing": s} for s in local_units.SHARING)
     yield from ({"method": "gim", "decoder": d} for d in decoders.DECODERS)
     yield from ({"method": "simclr", "decoder": d} for d in ("block", "2blocks"))
-    yield {"method": "loco", "top_decoder": "block", "top_unit": False, "mlp_layers": 4}
+    yield {"method": "loco", "decoder": "none", "top_decoder": "block", "top_unit": False,
+           "mlp_layers": 4}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -236,16 +237,21 @@ def test_a_process_that_fails_ends_the_whole_job_at_once_with_one_line_each(tmp_
     assert "[rank0]: Traceback" not in job.stderr and "[rank1]: Traceback" not in job.stderr
 
 
-def test_a_run_of_the_old_default_decoder_resumes_with_it_and_only_with_it(tmp_path):
-    """GIM's and LoCo's default decoder was one conv block until Sec. 5.1's MLP-only became the
-    default; their checkpoints recorded no decoder. Resuming one needs --decoder block."""
+def test_checkpoints_of_both_earlier_default_decoders_resume_as_what_they_are(tmp_path):
+    """GIM's and LoCo's default decoder was the paper's conv block, recorded as no decoder at
+    all; then MLP-only for a while, recorded as "none". Both resume as what they trained."""
     run = tmp_path / "run"
-    train.main([*TINY, "--method", "loco", "--decoder", "block", "--epochs", "1", "--out", str(run)])
+    train.main([*TINY, "--method", "loco", "--epochs", "1", "--out", str(run)])
     ckpt = state(run)
-    ckpt["config"]["decoder"] = None                 # as the old default recorded it
+    assert ckpt["config"]["decoder"] == "block"      # today's default, recorded as it is
+    ckpt["config"]["decoder"] = None                 # as the first default recorded it
     torch.save(ckpt, run / "ckpt.pt")
-    with pytest.raises(UserError, match="--decoder block \\(now none\\)"):
-        train.main([*TINY, "--method", "loco", "--epochs", "2", "--out", str(run), "--resume"])
-    train.main([*TINY, "--method", "loco", "--decoder", "block", "--epochs", "2", "--out",
-                str(run), "--resume"])
+    train.main([*TINY, "--method", "loco", "--epochs", "2", "--out", str(run), "--resume"])
     assert state(run)["epoch"] == 1
+    mlp = tmp_path / "mlp"
+    train.main([*TINY, "--method", "loco", "--decoder", "none", "--epochs", "1", "--out", str(mlp)])
+    with pytest.raises(UserError, match="--decoder none \\(now block\\)"):
+        train.main([*TINY, "--method", "loco", "--epochs", "2", "--out", str(mlp), "--resume"])
+    train.main([*TINY, "--method", "loco", "--decoder", "none", "--epochs", "2", "--out",
+                str(mlp), "--resume"])
+    assert state(mlp)["epoch"] == 1

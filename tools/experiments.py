@@ -3,6 +3,7 @@ prints its table, and that continues where it stopped when run again.
 
     python -m tools.experiments cifar-cpu --data-dir data      # Table 1 on CIFAR-10, 2 CPU cores
     python -m tools.experiments gap --data-dir data --jobs 2   # what closes LoCo's gap to SimCLR
+    python -m tools.experiments width --data-dir data          # the gap as the encoder widens
     python -m tools.experiments pipeline --data-dir data       # async model parallel's accuracy
     python -m tools.experiments ablations --data-dir data      # Tables 4 and 5 at a CPU scale
     python -m tools.experiments detection                      # Table 3 in miniature (no download)
@@ -498,6 +499,148 @@ def schedule_figure(out: Path) -> None:
     plt.close(fig)
 
 
+# The width study (README, Results; docs/width.md): LoCo's gap to SimCLR as the encoder widens.
+# The CPU protocol at widths 1/8, 1/4 and 1/2, the same lr (4) at every width: LARS scales each
+# layer's step by that layer's own weight norm (the trust ratio), so the step a width takes
+# does not change with its channel count, and the protocol's lr was chosen at 1/4. SimCLR and
+# LoCo with the paper's decoders (the defaults), LoCo with MLP-only decoders beside them.
+# A row's runs are reused from another plan's committed results where that run's configuration
+# is exactly the one this plan would train (width 1/4: cifar-cpu, and the gap study's MLP-only
+# LoCo); the rest train here, in this order (cheap widths first, then width 1/2's first seeds,
+# then what adds seeds and the variant), minutes of training with one thread beside another job.
+WIDTHS = (0.125, 0.25, 0.5)
+WIDTH_ROWS = {"simclr": {"method": "simclr"}, "loco": {"method": "loco"},
+              "loco_none": {"method": "loco", **LOCAL}}
+WIDTH_ORDER = [(0.125, "simclr", 0, 12), (0.125, "loco", 0, 16), (0.125, "simclr", 1, 12),
+               (0.125, "loco", 1, 16), (0.5, "simclr", 0, 150), (0.5, "loco", 0, 190),
+               (0.125, "loco_none", 0, 15), (0.5, "loco_none", 0, 180), (0.5, "simclr", 1, 150),
+               (0.5, "loco", 1, 190), (0.125, "loco_none", 1, 15), (0.25, "simclr", 0, 40),
+               (0.25, "simclr", 1, 40), (0.25, "loco", 0, 50), (0.25, "loco", 1, 50),
+               (0.25, "loco_none", 0, 50), (0.25, "loco_none", 1, 50)]
+REUSABLE = (REFERENCE, GAP_RESULTS)      # committed runs a row may take
+
+
+def width_run(width: float, key: str, seed: int) -> str:
+    return f"{key}_w{width:g}_seed{seed}"
+
+
+def same_run(config: dict, flags_: list[str]) -> bool:
+    """Whether a committed run's configuration is exactly what train.py makes of these flags
+    (where it ran, how it logged and how long it was given aside)."""
+    import recipe
+    import train
+    ours = vars(train.parse_args(flags_))
+    theirs = recipe.upgraded(config)
+    return all(theirs.get(k) == v for k, v in ours.items()
+               if k not in train.RESUMABLE or k == "epochs")
+
+
+def committed(flags_: list[str], seed: int) -> Path | None:
+    """A committed run (results/<plan>/<name>_seed<k>) of exactly this configuration, if any."""
+    for folder in REUSABLE:
+        for config in sorted(folder.glob(f"*_seed{seed}/config.json")):
+            if (config.parent / "linear_eval_fast.json").exists() and same_run(
+                    json.loads(config.read_text()), flags_):
+                return config.parent
+    return None
+
+
+def width_runs(out: Path, args) -> tuple[Plan, dict]:
+    """The plan, and (width, row) -> the run folder of each seed (here, or committed)."""
+    plan, runs = Plan(), {}
+    base = {**CPU, "dataset": args.dataset, "data-dir": args.data_dir, "log-every": 20,
+            **(SMOKE if args.smoke else {})}
+    evalx = ["--data-dir", args.data_dir, *(["--subset", "200"] if args.smoke else [])]
+    epochs = 1 if args.smoke else CPU_EPOCHS
+    for w, key, seed, minutes in WIDTH_ORDER:
+        if seed >= args.seeds:
+            continue
+        train_flags = [*flags({**base, "width": w, **WIDTH_ROWS[key]}), "--seed", str(seed)]
+        reuse = None if args.smoke else committed([*train_flags, "--epochs", str(epochs)], seed)
+        run = reuse or out / width_run(w, key, seed)
+        runs.setdefault((w, key), []).append(run)
+        if reuse is None:
+            plan.train(run, train_flags, epochs, 0.05 if args.smoke else minutes)
+            plan.eval(run, 0.04 if args.smoke else max(1.0, minutes / 20), extra=evalx)
+    return plan, runs
+
+
+def width(out: Path, args) -> tuple[Plan, list]:
+    plan, runs = width_runs(out, args)
+    names = {"simclr": "SimCLR", "loco": "LoCo", "loco_none": "LoCo, MLP-only decoders"}
+    widest = [(names[k], out / width_run(0.5, k, 0).removesuffix("_seed0")) for k in WIDTH_ROWS]
+    return plan, [("Final-stage linear top-1 (%) by width, CIFAR-10 test set", width_table(runs)),
+                  ("Every stage at width 1/2", stage_table(out, widest))]
+
+
+def width_results(runs: dict) -> dict:
+    """(width, key) -> the final-stage linear top-1 of each evaluated seed."""
+    found = {}
+    for (w, key), paths in runs.items():
+        evals = [p / "linear_eval_fast.json" for p in paths]
+        found[(w, key)] = [read_json(e)["stages"][-1]["top1"] for e in evals if e.exists()]
+    return found
+
+
+def width_table(runs: dict) -> str:
+    """A line per width: each row's final stage (mean ± sd over seeds) and LoCo's gap to
+    SimCLR (paper decoders; seed for seed where both have the seed)."""
+    top = width_results(runs)
+    lines = ["| width | SimCLR | LoCo | LoCo, MLP-only decoders | gap (SimCLR - LoCo) | "
+             "seeds |", "| --- | --- | --- | --- | --- | --- |"]
+    for w in WIDTHS:
+        s, l = top.get((w, "simclr"), []), top.get((w, "loco"), [])
+        n = min(len(s), len(l))
+        gaps = [a - b for a, b in zip(s[:n], l[:n])]
+        lines.append(f"| {w:g} | {cell(s)} | {cell(l)} | {cell(top.get((w, 'loco_none'), []))} "
+                     f"| {cell(gaps) if gaps else 'not run'} | {len(s)} / {len(l)} / "
+                     f"{len(top.get((w, 'loco_none'), []))} |")
+    return "\n".join(lines)
+
+
+def width_figure(out: Path, runs: dict) -> None:
+    """Final-stage linear top-1 against width for each row, and the gap against width (bars:
+    seed spread where there are two seeds): out/width.png, from whatever is measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    top = width_results(runs)
+    if sum(bool(v) for v in top.values()) < 2:
+        return
+    mean = lambda v: statistics.mean(v) if v else None
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(9, 3.6))
+    colour = {"simclr": "C0", "loco": "C1", "loco_none": "C2"}
+    for key, label in (("simclr", "SimCLR"), ("loco", "LoCo (paper decoders)"),
+                       ("loco_none", "LoCo, MLP-only decoders")):
+        ws = [w for w in WIDTHS if top.get((w, key))]
+        ax.errorbar(ws, [mean(top[(w, key)]) for w in ws], yerr=[sd(top[(w, key)]) for w in ws],
+                    marker="o", capsize=3, label=label, ls="--" if key == "loco_none" else "-",
+                    color=colour[key])
+    for key, label in (("loco", "LoCo (paper decoders)"), ("loco_none", "LoCo, MLP-only")):
+        ws, gaps = [], []
+        for w in WIDTHS:
+            s, l = top.get((w, "simclr"), []), top.get((w, key), [])
+            n = min(len(s), len(l))
+            if n:
+                ws.append(w), gaps.append([a - b for a, b in zip(s[:n], l[:n])])
+        gx.errorbar(ws, [mean(g) for g in gaps], yerr=[sd(g) for g in gaps], marker="o",
+                    capsize=3, label=label, ls="--" if key == "loco_none" else "-",
+                    color=colour[key])
+    for a in (ax, gx):
+        a.set_xscale("log", base=2)
+        a.set_xticks(WIDTHS, ["1/8", "1/4", "1/2"])
+        a.set_xlabel("encoder width (ResNet-18 channels x)")
+    gx.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel("final-stage linear top-1 (%)")
+    gx.set_ylabel("SimCLR - LoCo (points)")
+    ax.legend(fontsize=8), gx.legend(fontsize=8)
+    fig.suptitle("CIFAR-10, ResNet-18, 12 epochs, 2 CPU cores (bars: seed spread)", fontsize=9)
+    fig.tight_layout()
+    cli.save_figure(fig, out / "width.png")
+    plt.close(fig)
+
+
 # Tables 4 and 5 at a CPU scale: the CPU protocol for 2 epochs (half a warm-up epoch), linear
 # probe on the first 10,000 training images, the full test set. A run: key -> (flags, seeds: two
 # for the rows that decide the paper's claims, and for the unit layout).
@@ -727,8 +870,8 @@ def final_table(out: Path, rows: list[tuple[str, str, float | None]]) -> str:
     return "\n".join(lines)
 
 
-PLANS = {"cifar-cpu": cifar_cpu, "gap": gap, "pipeline": pipeline_plan, "ablations": ablations,
-         "detection": detection, "gpu": gpu}
+PLANS = {"cifar-cpu": cifar_cpu, "gap": gap, "width": width, "pipeline": pipeline_plan,
+         "ablations": ablations, "detection": detection, "gpu": gpu}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -757,6 +900,8 @@ def main(argv: list[str] | None = None) -> None:
     tables = PLANS[args.plan](out, args)[1]          # again: now with what the steps wrote
     if args.plan == "gap":
         schedule_figure(out)                         # redrawn, like tables.md, from what is done
+    if args.plan == "width":
+        width_figure(out, width_runs(out, args)[1])
     text = "\n\n".join(f"{title}:\n{t}" for title, t in tables)
     cli.write_atomic(out / "tables.md", text + "\n")
     print(("(partial: run the same command again to continue)\n" if not complete else "") + text)
