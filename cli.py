@@ -135,26 +135,48 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt            # SIGTERM (a kill; torchrun stopping a job): as Ctrl-C
 
 
-def stopping() -> None:
+_abandon = False                       # set by stopping(abandon=True)
+
+
+def stopping(abandon: bool = False) -> None:
     """A process that is already ending (and saying why) ignores SIGTERM from here on: torchrun
-    sends it to the survivors when one process dies, and it must not cut that message short."""
+    sends it to the survivors when one process dies, and it must not cut that message short.
+    abandon: the process's group of processes is broken (a peer is gone), so once its line is
+    out the process leaves at once (os._exit), running no teardown of that group: destroying it,
+    or letting the interpreter's exit destroy it, can block or abort ("terminate called without
+    an active exception") on a connection the peer has already dropped."""
+    global _abandon
+    _abandon = _abandon or abandon
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def abandoned() -> bool:
+    return _abandon
 
 
 def run(main, script: str) -> None:
     """Call main(); turn a user's mistake or an interrupt into one line and an exit code."""
+    global _abandon
+    _abandon = False
     signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
     except UserError as e:
-        sys.exit(_line(script, e, e.exit_code))
+        _exit(_line(script, e, e.exit_code))
     except OSError as e:                # missing, unreadable or unwritable file, full disk
         where = f"{e.filename}: " if e.filename else ""
-        sys.exit(_line(script, f"{where}{e.strerror or e}", 1))
+        _exit(_line(script, f"{where}{e.strerror or e}", 1))
     except KeyboardInterrupt as e:
         print(f"\n{script}: interrupted. {str(e) or 'Nothing was left half-written.'}",
               file=sys.stderr)
-        sys.exit(130)
+        _exit(130)
+
+
+def _exit(code: int) -> None:
+    if _abandon:                        # what is saved is saved, the line is out: leave now
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _line(script: str, message, code: int) -> int:

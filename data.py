@@ -185,9 +185,10 @@ def _generator(device: torch.device, *keys: int) -> torch.Generator:
 
 
 def local_batch(global_batch: int, world_size: int) -> int:
+    """Each data-parallel process's share of the batch (a pipeline's replicas: each replica's)."""
     if global_batch % world_size:
         raise UserError(f"--batch-size {global_batch} does not split evenly over {world_size} "
-                         f"processes: use a multiple of {world_size}", flag=True)
+                        f"data-parallel processes: use a multiple of {world_size}", flag=True)
     return global_batch // world_size
 
 

@@ -130,21 +130,49 @@ def place(costs: list[float], P: int, allowed: list[int], first: float = 0.0) ->
     return best[1]
 
 
-def by_hand(counts: str, pieces: int, allowed: list[int], mode: str) -> list[range]:
+def by_hand(counts: str, pieces: int, allowed: list[int], mode: str, P: int) -> list[range]:
     """--placement "2,2": the number of pieces of each process, first to last."""
     try:
         n = [int(c) for c in counts.split(",")]
     except ValueError:
         n = []
     bounds = list(itertools.accumulate([0, *n]))
+    example = placement(place([1.0] * pieces, P, allowed)) if len(allowed) >= P - 1 else None
+    instead = f" (e.g. {example})" if example else f"; {mode} cannot cut {pieces} pieces {P} ways"
     if not n or min(n) < 1 or bounds[-1] != pieces:
         raise UserError(f"--placement {counts}: give each process's number of pieces, at least "
-                        f"one each, {pieces} in all (e.g. 2,2)", flag=True)
+                        f"one each, {pieces} in all{instead}", flag=True)
     bad = [b - 1 for b in bounds[1:-1] if b - 1 not in allowed]
     if bad:
         raise UserError(f"--placement {counts}: {mode} cannot cut after piece {bad[0]} (a unit "
-                        f"crossing it starts lower: try sync)", flag=True)
+                        f"crossing it starts lower): "
+                        + (f"try {example}, or " if example else "")
+                        + "--pipeline-mode sync", flag=True)
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def placement(groups: list[range]) -> str:
+    """Groups as --placement writes them: "2,2"."""
+    return ",".join(str(len(g)) for g in groups)
+
+
+def late_only(run: recipe.Run, groups: list[range], mode: str) -> str | None:
+    """One line on a stage that an async placement leaves to learn from late gradients alone
+    (its only unit straddles the cut above it), what it cost where measured, and what avoids
+    it; None if no stage is."""
+    cut = [g.stop - 1 for g in groups[:-1]]
+    stale = sorted(set(cut) - set(fresh(run.units, cut))) if mode == "async" else []
+    if not stale:
+        return None
+    j, P = stale[0], len(groups)
+    avoid = fresh(run.units, cuts(run.units, len(run.pieces), mode))
+    what = (f"--placement {placement(place([1.0] * len(run.pieces), P, avoid))}"
+            if len(avoid) >= P - 1 else f"--pipeline {len(avoid) + 1} (or fewer processes per "
+                                        f"pipeline), or with --pipeline-mode sync")
+    return (f"pipeline (async): stage {run.stage_of[j] + 1} learns only from late gradients "
+            f"(its one unit straddles the cut above it); measured on CIFAR-10, S1 so placed "
+            f"cost LoCo 1.0 point at the final stage (docs/model-parallel.md). A run placed "
+            f"with {what} avoids it")
 
 
 def piece_costs(run: recipe.Run, x: torch.Tensor, tau: float, rt: Runtime,
@@ -270,13 +298,15 @@ class Pipeline:
         self.stats["idle_s"] += time.perf_counter() - t
 
     def _recv(self, src: int, tag: int) -> torch.Tensor:
+        """From process `src` of this replica (its place in the pipeline)."""
         t = time.perf_counter()
-        x = recv(src, tag, self.rt.device)
+        x = recv(self.rt.peer(src), tag, self.rt.device)
         self.stats["idle_s"] += time.perf_counter() - t
         return x
 
     def _send(self, t: torch.Tensor, dst: int, tag: int) -> None:
-        self.sends += send(t, dst, tag, self.rt.channels_last)
+        """To process `dst` of this replica, without waiting."""
+        self.sends += send(t, self.rt.peer(dst), tag, self.rt.channels_last)
         self.stats["bytes_sent"] += t.numel() * t.element_size()
 
     def step(self, x1: torch.Tensor | None, x2: torch.Tensor | None, tau: float
@@ -362,7 +392,7 @@ class Pipeline:
         header = torch.empty(9, dtype=torch.int64, device=h.device)
         buf = torch.empty(h.permute(0, 2, 3, 1).shape if nhwc else h.shape, dtype=h.dtype,
                           device=h.device)
-        src = self.p + 1
+        src = self.rt.peer(self.p + 1)
         return [(dist.irecv(header, src, tag=BACKWARD), header), (dist.irecv(buf, src,
                                                                              tag=BACKWARD), buf)]
 
@@ -405,6 +435,10 @@ class Pipeline:
         self._apply_late()
         self.pending = {self.mine.stop - 1: {n: q.grad for n, q in piece.named_parameters()
                                              if q.grad is not None}}
+        if self.rt.data_world > 1:       # replicas: averaged now, as the step would average
+            for g in self.pending[self.mine.stop - 1].values():   # them; every replica then
+                dist.all_reduce(g, group=self.rt.data_group)      # holds (and saves) the same
+                g /= self.rt.data_world
         for n, q in piece.named_parameters():
             q.grad = before[n]
 
@@ -430,7 +464,7 @@ def build(run: recipe.Run, rt: Runtime, cfg: dict, size: int, tau: float,
     mode = mode_of(cfg)
     allowed = cuts(run.units, len(run.pieces), mode)
     if groups is None and cfg.get("placement"):
-        groups = by_hand(cfg["placement"], len(run.pieces), allowed, mode)
+        groups = by_hand(cfg["placement"], len(run.pieces), allowed, mode, rt.stages)
     plan = [groups, None]
     if groups is None and rt.stage_rank == 0:
         keep = {k: v.clone() for k, v in [*run.encoder.state_dict().items(),
@@ -456,13 +490,19 @@ def build(run: recipe.Run, rt: Runtime, cfg: dict, size: int, tau: float,
             f"process {k}: pieces {g.start}-{g.stop - 1} (stages "
             f"{run.stage_of[g.start] + 1}-{run.stage_of[g.stop - 1] + 1}), {100 * s:.0f}%"
             for k, (g, s) in enumerate(zip(groups, shares))), flush=True)
+    note = late_only(run, groups, mode)
+    if rt.rank == 0 and note:
+        print(note, flush=True)
     return Pipeline(run, rt, groups, mode)
 
 
 def gather(run: recipe.Run, pipe: Pipeline) -> dict | None:
     """The whole run's state on the first process, as one process would hold it (a checkpoint
     of a pipelined run loads like any other): encoder, heads, optimizer; and `pending`, the late
-    weight gradients drained at the epoch's end. None on the other processes."""
+    weight gradients drained at the epoch's end. Replicas hold the same state: the first one's
+    processes send theirs. None on every other process."""
+    if pipe.rt.data_rank > 0:
+        return None
     cpu = lambda d: {k: v.detach().cpu() for k, v in d.items() if not v.is_meta}
     names = {id(q): f"encoder.{n}" for n, q in run.encoder.named_parameters()}
     names.update({id(q): f"heads.{n}" for n, q in run.heads.named_parameters()})
@@ -474,7 +514,7 @@ def gather(run: recipe.Run, pipe: Pipeline) -> dict | None:
     mine = {"encoder": cpu(run.encoder.state_dict()), "heads": cpu(run.heads.state_dict()),
             "momentum": momentum, "pending": pending}
     parts = [None] * pipe.P if pipe.rt.rank == 0 else None
-    dist.gather_object(mine, parts, dst=0)
+    dist.gather_object(mine, parts, dst=0, group=pipe.rt.pipe_group)
     if pipe.rt.rank != 0:
         return None
     merged = {k: {n: v for part in parts for n, v in part[k].items()} for k in mine}

@@ -93,6 +93,33 @@ def base_lr(cfg: dict) -> float:
     return cfg["lr"] if cfg.get("lr") is not None else 0.3 * cfg.get("batch_size", 256) / 256
 
 
+def default_warmup(epochs: int) -> float:
+    """Warm-up epochs: the paper's 10 (Sec. 5.1: "linear warm-up is used for the first 10
+    epochs", of 100 to 800), but never more than a tenth of the run, so that a short run reaches
+    its peak learning rate early and spends the rest decaying from it."""
+    return min(10.0, epochs / 10)
+
+
+def resolved(cfg: dict) -> dict:
+    """A configuration (train.py's flags) with every default made what the run uses: the
+    decoder, the soft-sharing coefficient, the peak lr, the temperature, the warm-up, the
+    pipeline's mode. config.json and checkpoints record it so; --resume compares it, so that a
+    flag typed at its default is the same run as the flag left out."""
+    cfg = dict(cfg)
+    method = cfg["method"]
+    cfg["decoder"] = cfg.get("decoder") or decoders.default(method)
+    soft = cfg.get("sharing", "stage") == "soft"
+    cfg["soft_coef"] = (cfg.get("soft_coef") or SOFT_COEF) if soft else None
+    cfg["lr"] = base_lr(cfg)
+    if cfg.get("tau") is None:
+        cfg["tau"] = data.DATASETS[cfg["dataset"]].tau
+    if cfg.get("warmup_epochs") is None:
+        cfg["warmup_epochs"] = default_warmup(cfg["epochs"])
+    if cfg.get("pipeline", 1) > 1 and not cfg.get("pipeline_mode"):
+        cfg["pipeline_mode"] = "sync" if method == "simclr" else "async"   # pipeline.py
+    return cfg
+
+
 def check(cfg: dict) -> None:
     """Refuse, before any work, a configuration whose flags contradict each other or do nothing:
     every combination that train.py's -h offers either runs or is refused here with one line."""
@@ -122,6 +149,12 @@ def check(cfg: dict) -> None:
     if decoder in ("stage", "full") and sharing in ("1block", "2blocks"):
         refuse(f"--decoder {decoder} copies whole stages above a head's stage; under --sharing "
                f"{sharing} a unit ends inside a stage: use block, block-nods or 2blocks")
+    warmup, epochs = cfg.get("warmup_epochs"), cfg.get("epochs")
+    if warmup is not None and epochs is not None and warmup >= epochs:
+        refuse(f"--warmup-epochs {warmup:g} is not shorter than --epochs {epochs}: the learning "
+               f"rate would still be climbing when the run ends, never reaching --lr nor "
+               f"decaying; give fewer than {epochs}, or leave it out (a tenth of --epochs, at "
+               f"most the paper's 10)")
     lr = base_lr(cfg)
     if lr > MAX_LR:
         refuse(f"--lr {lr:g} (peak): above {MAX_LR:g}, LARS moves weights by more than their own norm "
@@ -182,15 +215,11 @@ BEFORE_FLAGS = {"top_decoder": None, "pipeline": 1, "pipeline_mode": None, "plac
 
 
 def upgraded(cfg: dict) -> dict:
-    """A configuration as older checkpoints recorded it, in today's terms: soft_coef was
-    recorded whatever the sharing, and no decoder meant the paper's (one conv block for GIM and
-    LoCo); runs that trained MLP-only decoders recorded "none" and stay so."""
-    cfg = {**BEFORE_FLAGS, **cfg}
-    if cfg.get("sharing", "stage") != "soft":
-        cfg["soft_coef"] = None
-    if cfg.get("decoder") is None:
-        cfg["decoder"] = decoders.default(cfg["method"])
-    return cfg
+    """A configuration as a checkpoint or config.json recorded it, in today's terms and resolved
+    (`resolved`): older ones recorded flags as typed (no decoder meant the paper's, one conv
+    block for GIM and LoCo; runs that trained MLP-only decoders recorded "none" and stay so; no
+    lr, tau or pipeline mode meant the rule's), and lack the flags added since."""
+    return resolved({**BEFORE_FLAGS, **cfg})
 
 
 def load_checkpoint(path: str | Path) -> dict:

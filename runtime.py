@@ -13,8 +13,10 @@ float32. MPS gets float32 in the default layout: not measured here, so the safe 
 override the rule: --precision fp32|bf16 (or fp64, to check exactness), --memory-format contiguous|channels_last.
 
 One process, or torchrun: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK, and `setup` then joins
-the process group (NCCL on CUDA, gloo elsewhere). What truly differs on CUDA stays here: the GPU
-of this process, cuDNN's autotuner and TF32 matmuls.
+the process group (NCCL on CUDA, gloo elsewhere). With --pipeline P the world is D replicas of a
+P-process pipeline (`mesh`): the data dimension and the pipe dimension, as torch's DeviceMesh
+names them. What truly differs on CUDA stays here: the GPU of this process, cuDNN's autotuner
+and TF32 matmuls.
 """
 
 import contextlib
@@ -42,8 +44,9 @@ class Runtime:
     rank: int = 0                # this process, among all of the run's
     world: int = 1
     stages: int = 1              # processes of the pipeline (pipeline.py): each holds stages
-    data_group: object = None    # the data-parallel group: None, all processes; a pipeline's,
-                                 # this process alone (data parallelism inside it is not built)
+    data_group: object = None    # the data-parallel group: None, all processes; in a pipeline,
+                                 # the processes of this position in every replica (`mesh`)
+    pipe_group: object = None    # in a pipeline: the processes of this replica
 
     @property
     def data_world(self) -> int:
@@ -58,6 +61,10 @@ class Runtime:
     def stage_rank(self) -> int:
         """This process's place in the pipeline (0: reads the data, holds the first stages)."""
         return self.rank % self.stages
+
+    def peer(self, stage_rank: int) -> int:
+        """The global rank of this replica's process at another place in the pipeline."""
+        return self.rank - self.stage_rank + stage_rank
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -79,8 +86,10 @@ class Runtime:
             torch.mps.synchronize()
 
     def __str__(self) -> str:
-        where = f"a pipeline of {self.stages} processes" if self.stages > 1 else \
-            f"{self.world} process(es)"
+        where = f"{self.world} process(es)"
+        if self.stages > 1:
+            where = f"a pipeline of {self.stages} processes" + (
+                f" x {self.data_world} replicas" if self.data_world > 1 else "")
         return (f"{where} on {self.device}, "
                 f"{'bf16 autocast' if self.bf16 else str(self.dtype).removeprefix('torch.')}, "
                 f"{'channels_last' if self.channels_last else 'contiguous'}")
@@ -133,15 +142,36 @@ def torchrun_env() -> tuple[int, int, int]:
                  (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
+def replicas(world: int, pipeline: int) -> int:
+    """How many copies of a P-process pipeline `world` processes hold (D of world = D x P); 1
+    without a pipeline means the world is data parallel alone. Refuses a world that does not
+    split."""
+    if world % pipeline:
+        raise UserError(f"--pipeline {pipeline}: {world} process"
+                        f"{' does' if world == 1 else 'es do'} not make whole pipelines; "
+                        f"start a multiple of {pipeline} (torchrun --nproc_per_node {pipeline} "
+                        f"for one, {2 * pipeline} for two replicas)", flag=True)
+    return world // pipeline
+
+
+def mesh(world: int, pipeline: int) -> tuple[list[list[int]], list[list[int]]]:
+    """World = D replicas x P pipeline processes, rank = d * P + p (a replica's processes are
+    neighbours, as torchrun numbers the processes of one machine). Returns the data groups (one
+    per place p in the pipeline: the p-th process of every replica, which hold the same stages
+    and split the batch D ways) and the pipe groups (one per replica: its P processes, which pass
+    activations up and gradients down)."""
+    D = replicas(world, pipeline)
+    data = [[d * pipeline + p for d in range(D)] for p in range(pipeline)]
+    pipe = [[d * pipeline + p for p in range(pipeline)] for d in range(D)]
+    return data, pipe
+
+
 def setup(device: str | None = None, precision: str = "auto", memory_format: str = "auto",
           distributed: bool = False, pipeline: int = 1) -> Runtime:
     """The runtime of this process. distributed=True joins torchrun's process group if any;
-    pipeline=P: the processes are the P groups of stages of one pipeline (pipeline.py)."""
+    pipeline=P: the processes are D replicas of a pipeline of P groups of stages (pipeline.py)."""
     rank, world, local = torchrun_env() if distributed else (0, 1, 0)
-    if pipeline > 1 and world != pipeline:
-        raise UserError(f"--pipeline {pipeline} needs exactly {pipeline} processes (torchrun "
-                        f"--nproc_per_node {pipeline}), not {world}: data parallelism inside "
-                        f"the pipeline's groups is not built", flag=True)
+    replicas(world, pipeline)
     dev = pick_device(device, local, world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -152,10 +182,18 @@ def setup(device: str | None = None, precision: str = "auto", memory_format: str
     bf16 = native_bf16(dev) if precision == "auto" else precision == "bf16"
     nhwc = dev.type in ("cuda", "cpu") if memory_format == "auto" else memory_format == "channels_last"
     dtype = torch.float64 if precision == "fp64" else torch.float32
-    # A pipeline's processes hold different stages: each is its own data-parallel group of one,
-    # so the loss gathers no negatives and BatchNorm and the gradients sync with nobody.
-    group = dist.new_subgroups(group_size=1)[0] if pipeline > 1 else None
-    return Runtime(dev, bf16, dtype, nhwc, rank, world, pipeline, group)
+    # A pipeline's processes hold different stages: the loss's negatives, BatchNorm and the
+    # gradients sync only with the processes of the other replicas that hold the same stages.
+    data_group, pipe_group = groups(world, pipeline) if pipeline > 1 else (None, None)
+    return Runtime(dev, bf16, dtype, nhwc, rank, world, pipeline, data_group, pipe_group)
+
+
+def groups(world: int, pipeline: int) -> tuple[object, object]:
+    """This process's data group and pipe group of `mesh` (every process creates all of them,
+    as torch.distributed requires, and keeps its own)."""
+    data, pipe = mesh(world, pipeline)
+    return (dist.new_subgroups_by_enumeration(data)[0],
+            dist.new_subgroups_by_enumeration(pipe)[0])
 
 
 class AllReduce(torch.autograd.Function):
@@ -272,6 +310,20 @@ def peer_lost(e: BaseException) -> bool:
     return isinstance(e, dist.DistError) or "gloo" in str(e) or "by peer" in str(e)
 
 
+def finish() -> None:
+    """The end of a run that succeeded, on every process together. Without the barrier a process
+    that is done (rank 1 after the last step) exits 0 while another still works (rank 0 writing
+    the last checkpoint); if that one then fails, torchrun's agent of the first, its workers
+    done, waits in its exit barrier for an agent that never comes (300 s, then an error): a
+    finished multi-node job that hangs. After the barrier either every process has succeeded or
+    the barrier fails on the survivors, which stop at once (train.main)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shutdown() -> None:
+    """Leave the process group after a failure of this process (the others learn it from their
+    next message)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -46,11 +46,13 @@ import runtime
 from cli import UserError
 
 # Flags that may differ when a run is resumed: where it runs and how it reports, not what it
-# computes. --epochs may change too (the schedule then differs from an uninterrupted run: noted).
-RESUMABLE = {"resume", "epochs", "out", "data_dir", "device", "workers", "log_every", "time_limit"}
+# computes. --epochs and --lr may be typed anew too: the schedule then differs from an
+# uninterrupted run's, and the run says so (`continued`).
+RESUMABLE = {"resume", "out", "data_dir", "device", "workers", "log_every", "time_limit"}
+RETUNABLE = {"epochs", "lr"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__, "train.py")
     pos, nonneg = cli.positive, cli.at_least_zero
     what = p.add_argument_group("what is trained")
@@ -81,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--batch-size", type=pos(int), default=512, help="global: split over processes")
     r.add_argument("--lr", type=pos(float), default=None, help="peak learning rate; default: "
                    "0.3 x batch / 256")
-    r.add_argument("--warmup-epochs", type=nonneg(float), default=10)
+    r.add_argument("--warmup-epochs", type=nonneg(float), default=None,
+                   help="linear warm-up, then cosine decay to 0; default: a tenth of --epochs, "
+                        "at most the paper's 10; must be shorter than --epochs")
     r.add_argument("--weight-decay", type=nonneg(float), default=1e-6)
     r.add_argument("--tau", type=pos(float), default=None,
                    help="InfoNCE temperature; default: the dataset's (data.py)")
@@ -98,34 +102,90 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "normalises its own slice and the saved running statistics are rank 0's")
     m.add_argument("--pipeline", type=pos(int), default=1,
                    help="model parallel: the stages in P groups, one per process (pipeline.py); "
-                        "run with torchrun --nproc_per_node P")
+                        "run with torchrun and P processes, or D x P for D replicas of the "
+                        "pipeline (the batch then splits D ways)")
     m.add_argument("--pipeline-mode", default=None, choices=pipeline.MODES,
                    help="sync: the exact step; async: the straddling unit's gradient one step "
                         "late, no waiting; default: async for gim and loco, sync for simclr")
     m.add_argument("--placement", default=None,
                    help="the pieces of each process, e.g. 2,2 (default: the placement that "
-                        "balances their measured cost)")
+                        "balances their measured cost; a resumed run keeps its own)")
     m.add_argument("--compile", action="store_true", help="torch.compile each stage and head")
     m.add_argument("--workers", type=nonneg(int), default=8, help="DataLoader workers (imagefolder)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="run directory; default: runs/<method>")
-    o.add_argument("--resume", action="store_true", help="continue the run in --out")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the run in --out as it was written: flags left out take its "
+                        "values; typed ones must agree, except paths, logging, --time-limit, "
+                        "and --epochs and --lr (a new schedule from here on, said)")
     o.add_argument("--log-every", type=pos(int), default=20, help="steps between console lines")
     o.add_argument("--time-limit", type=pos(float), default=None,
                    help="minutes: stop after the epoch in which they run out (continue with --resume)")
-    args = p.parse_args(argv)
-    args.decoder = args.decoder or decoders.default(args.method)   # recorded as it is
-    recipe.check(vars(args))             # flags that contradict each other, before any work
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked before any work (contradictions, ranges), then resolved: every default
+    made the value the run uses (recipe.resolved), as config.json records it."""
+    args = parser().parse_args(argv)
+    recipe.check(vars(args))             # flags that contradict each other, as typed
     pipeline.check(vars(args), model.STAGES[args.arch])
+    vars(args).update(recipe.resolved(vars(args)))
     args.out = args.out or f"runs/{args.method}"
     return args
+
+
+def typed(argv: list[str] | None = None) -> set[str]:
+    """The flags the command line gives, rather than leaves to their defaults."""
+    q = parser()
+    for action in q._actions:            # a flag left out then leaves no attribute
+        action.default = argparse.SUPPRESS
+    return set(vars(q.parse_args(argv)))
+
+
+def differences(args: argparse.Namespace, flags: set[str], config: dict) -> dict:
+    """Of `flags`, those whose resolved value here differs from a recorded configuration's:
+    {flag: (recorded, now)}. Where it runs and reports is not compared; --precision and
+    --memory-format auto ask for the rule's choice, which the record holds."""
+    before = recipe.upgraded(config)
+    now = vars(args)
+    return {k: (before.get(k), now[k]) for k in sorted(flags) if k in now
+            and k not in RESUMABLE and before.get(k) != now[k]
+            and not (k in ("precision", "memory_format") and now[k] == "auto")}
+
+
+def continued(args: argparse.Namespace, flags: set[str], config: dict,
+              ckpt_path: Path) -> argparse.Namespace:
+    """--resume: the run continues as its checkpoint recorded it. A flag left out takes the
+    run's value; a typed one must agree with it, except where the run is and how it reports
+    (RESUMABLE), and --epochs and --lr, which start a new schedule from here (said)."""
+    before = recipe.upgraded(config)
+    diff = {k: v for k, v in differences(args, flags, config).items() if k not in RETUNABLE}
+    if diff:
+        said = ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items())
+        raise UserError(f"{ckpt_path} was written with {said}: a resumed run keeps every flag "
+                        f"that decides what it computes (only paths, logging, --time-limit, "
+                        f"--epochs and --lr may change); leave those flags out to continue it, "
+                        f"or start a new run in another --out", flag=True)
+    now = vars(args)
+    keep = lambda k: k in RESUMABLE or (k in RETUNABLE and k in flags) or k not in before
+    merged = argparse.Namespace(**{k: now[k] if keep(k) else before[k] for k in now})
+    for k in RETUNABLE:
+        if now[k] != before[k] and k in flags:
+            print(f"--resume: --{k} {before[k]:g} -> {now[k]:g}: the schedule from here on "
+                  + ("ends at the new epoch count" if k == "epochs" else
+                     "is the same warm-up and cosine, scaled to the new peak")
+                  + "; this run is not the one either value gives alone", flush=True)
+    if merged.warmup_epochs >= merged.epochs:
+        raise UserError(f"--epochs {merged.epochs}: this run warms up for "
+                        f"{merged.warmup_epochs:g} epochs; resume it with more", flag=True)
+    recipe.check(vars(merged))
+    return merged
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
 
-    # Processes and device: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them, one process.
-    data.local_batch(args.batch_size, runtime.torchrun_env()[1])  # refuses a batch that won't split
     out = cli.check_writable(args.out, "--out", is_dir=True)
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists() and not args.resume:
@@ -134,22 +194,42 @@ def main(argv: list[str] | None = None) -> Path:
     if args.resume and not ckpt_path.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt_path} (leave --resume out to start)",
                         flag=True)
+    if args.resume:                      # the run as it was written
+        args = continued(args, typed(argv), recipe.load_checkpoint(ckpt_path)["config"],
+                         ckpt_path)
+
+    # Processes and device: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them, one process.
+    check_world(args, runtime.torchrun_env()[1])
     rt = runtime.setup(args.device, args.precision, args.memory_format, distributed=True,
                        pipeline=args.pipeline)
+    # How a job of several processes ends (runtime.finish): all of them succeed together, after a
+    # last barrier, or each stops with one line; a process whose peer is gone leaves at once,
+    # without tearing down the broken process group (cli.stopping).
     try:
         train(args, rt, out, ckpt_path)
+        runtime.finish()
     except KeyboardInterrupt:
-        cli.stopping()
+        cli.stopping(abandon=rt.world > 1)
         raise KeyboardInterrupt(saved(ckpt_path)) from None
     except RuntimeError as e:            # a process of this run died: gloo/NCCL say so here
         if rt.world > 1 and runtime.peer_lost(e):
-            cli.stopping()
+            cli.stopping(abandon=True)
             raise UserError(f"rank {rt.rank}: another process of this run stopped (its own "
                             f"message says why), so this one stops too. {saved(ckpt_path)}")
         raise
     finally:
-        runtime.shutdown()
+        if not cli.abandoned():
+            runtime.shutdown()
     return out
+
+
+def check_world(args: argparse.Namespace, world: int) -> int:
+    """The data-parallel processes of `world`: all of them, or with --pipeline P the D replicas
+    of the pipeline (world = D x P), over which the batch splits (a pipeline's first process
+    reads its replica's whole share). Refuses a world or a batch that does not split."""
+    replicas = runtime.replicas(world, args.pipeline)
+    data.local_batch(args.batch_size, replicas)
+    return replicas
 
 
 def train(args: argparse.Namespace, rt: runtime.Runtime, out: Path, ckpt_path: Path) -> None:
@@ -157,17 +237,16 @@ def train(args: argparse.Namespace, rt: runtime.Runtime, out: Path, ckpt_path: P
     torch.manual_seed(args.seed)
 
     # Data: every data-parallel process gets its slice of the same global batch (data.py); in a
-    # pipeline, the first process reads it all.
+    # pipeline, the first process of each replica reads that replica's slice.
     try:
         loader = (data.pretrain_loader(args.dataset, args.data_dir, args.batch_size, args.seed,
                                        rt.device, rt.data_rank, rt.data_world, args.workers,
                                        subset=args.subset) if rt.stage_rank == 0 else None)
     except data.MissingData as e:
         raise data.MissingData(f"{e}, or train without data: --dataset synthetic") from None
-    tau = args.tau if args.tau is not None else data.DATASETS[args.dataset].tau
+    tau, base_lr = args.tau, args.lr     # resolved (recipe.resolved): the dataset's, the rule's
 
     # Model, decoders, units and LARS (recipe.py); the units decide which stages each loss trains.
-    base_lr = recipe.base_lr(vars(args))
     run = recipe.build(vars(args), rt, base_lr)
     names = unit_names(run)
     steps_per_epoch = pipeline.steps_per_epoch(loader, rt)
@@ -179,15 +258,18 @@ def train(args: argparse.Namespace, rt: runtime.Runtime, out: Path, ckpt_path: P
     if rt.stages > 1:
         pipe = pipeline.build(run, rt, vars(args), data.DATASETS[args.dataset].size, tau,
                               pipeline.seconds_per_batch(loader))
+        args.placement = pipeline.placement(pipe.groups)   # part of the run: resume keeps it
         if args.resume:
             pipeline.restore_pending(run, pipe, recipe.load_checkpoint(ckpt_path).get(
                 "pipeline_pending", {}))
     log = Log(out / "log.csv", names, start_epoch * steps_per_epoch, args.batch_size, rt,
-              ckpt_path)
+              ckpt_path, base_lr)
     if rt.rank == 0:
-        cli.write_atomic(out / "config.json", json.dumps(recorded(args), indent=2))
+        cli.write_atomic(out / "config.json", json.dumps(recorded(args, rt), indent=2))
         print(f"{args.method} | {args.arch} x{args.width} | {args.dataset} | {rt} | batch "
-              f"{args.batch_size} | {steps_per_epoch} steps/epoch | units {names}", flush=True)
+              f"{args.batch_size} | {steps_per_epoch} steps/epoch | lr {base_lr:g} after "
+              f"{args.warmup_epochs:g} warm-up epochs ({warmup_steps} steps), cosine to 0 at "
+              f"epoch {args.epochs} | units {names}", flush=True)
 
     # The loop. One step: the method's forward and local backward of every unit
     # (local_units.train_step), the gradients averaged over processes, one LARS update.
@@ -205,8 +287,8 @@ def train(args: argparse.Namespace, rt: runtime.Runtime, out: Path, ckpt_path: P
                 with rt.autocast():
                     losses = L.train_step(run.pieces, run.heads, run.units, rt.prepare(x1),
                                           rt.prepare(x2), tau, rt.data_group)
-                if rt.data_world > 1:        # data parallel: one all-reduce of every gradient
-                    runtime.average_gradients(run.params, rt)
+            if rt.data_world > 1:            # data parallel (a pipeline's replicas too): one
+                runtime.average_gradients(run.params, rt)   # all-reduce of every gradient
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -214,7 +296,7 @@ def train(args: argparse.Namespace, rt: runtime.Runtime, out: Path, ckpt_path: P
                     last=step % args.log_every == 0 or step == (epoch + 1) * steps_per_epoch)
         if pipe:
             pipe.drain()                     # the last batch's late gradient, kept for resume
-        check_weights(run, epoch, ckpt_path)
+        check_weights(run, epoch, ckpt_path, base_lr)
         state = pipeline.gather(run, pipe) if pipe else run_state(run)
         if rt.rank == 0:
             save_checkpoint(state, epoch, step, args, rt, ckpt_path)
@@ -236,20 +318,11 @@ def unit_names(run: recipe.Run) -> list[str]:
 
 
 def resume(args: argparse.Namespace, run: recipe.Run, ckpt_path: Path) -> int:
-    """Load the run's checkpoint; refuse one of another configuration. Returns the next epoch."""
+    """Load the run's checkpoint (its configuration is args already: `continued`). Returns the
+    next epoch."""
     ckpt = recipe.load_checkpoint(ckpt_path)
-    before = ckpt["config"]              # in today's terms (recipe.upgraded)
-    diff = {k: (before.get(k), v) for k, v in vars(args).items()
-            if k not in RESUMABLE and before.get(k) != v}
-    if diff:
-        flags = ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items())
-        raise UserError(f"{ckpt_path} was written with {flags}: resume with the same flags, or "
-                        f"start a new run in another --out", flag=True)
     run.encoder.load_state_dict(ckpt["encoder"]), run.heads.load_state_dict(ckpt["heads"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    if before["epochs"] != args.epochs:
-        print(f"--resume: --epochs {before['epochs']} -> {args.epochs}: the cosine schedule now "
-              f"ends at epoch {args.epochs}, so this run is not the one either length gives alone")
     if ckpt["epoch"] + 1 >= args.epochs:
         print(f"--resume: {ckpt_path} already holds all {args.epochs} epochs; nothing to do")
     return ckpt["epoch"] + 1
@@ -261,9 +334,9 @@ class Log:
     or infinite loss stops the run before anything of its epoch is saved."""
 
     def __init__(self, path: Path, names: list[str], keep_steps: int, batch: int,
-                 rt: runtime.Runtime, ckpt_path: Path):
+                 rt: runtime.Runtime, ckpt_path: Path, peak_lr: float):
         self.path, self.names, self.batch, self.rt = path, names, batch, rt
-        self.ckpt_path = ckpt_path
+        self.ckpt_path, self.peak_lr = ckpt_path, peak_lr
         self.pending, self.t0 = [], time.time()
         if rt.rank == 0:             # keep the steps before the checkpoint, drop a torn line
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,8 +363,7 @@ class Log:
         if not torch.isfinite(logged).all():
             bad = [n for n, ok in zip(self.names, torch.isfinite(logged).all(0)) if not ok]
             raise UserError(f"the loss of {', '.join(bad)} became NaN or infinite at epoch "
-                            f"{epoch}, step {step}. {saved(self.ckpt_path)} Try a lower --lr "
-                            f"or a higher --tau.")
+                            f"{epoch}, step {step}. {diverged(self.ckpt_path, self.peak_lr)}")
         if self.rt.rank == 0:
             with open(self.path, "a", newline="") as f:
                 csv.writer(f).writerows([e, s, f"{lr_:.6g}", *(f"{v:.5f}" for v in row)]
@@ -313,20 +385,36 @@ def saved(ckpt_path: Path) -> str:
     return "No checkpoint was written yet (start again without --resume)."
 
 
-def check_weights(run: recipe.Run, epoch: int, ckpt_path: Path) -> None:
+def diverged(ckpt_path: Path, peak_lr: float) -> str:
+    """What a diverged run leaves behind, and two ways on: resumed exactly it would diverge at
+    the same step again, so at a lower peak lr (which --resume allows), or a new run."""
+    new_run = "start a new run in another --out with a lower --lr or a higher --tau"
+    if not ckpt_path.exists():
+        return f"No checkpoint was written yet: {new_run}, or start this one again with them."
+    epoch = recipe.load_checkpoint(ckpt_path)["epoch"]
+    return (f"Nothing of this epoch was saved: {ckpt_path} holds epoch {epoch}, the last good "
+            f"one. Continue it at a lower peak learning rate (the same command with --resume "
+            f"--lr {peak_lr / 2:g}), or {new_run}.")
+
+
+def check_weights(run: recipe.Run, epoch: int, ckpt_path: Path, peak_lr: float) -> None:
     """Never save blown-up weights as the last good epoch: an update can make them infinite, or
     huge, while the loss computed before it is still finite."""
     for part, module in (("encoder", run.encoder), ("heads", run.heads)):
         bad = recipe.bad_tensor(module.state_dict())
         if bad:
             raise UserError(f"weights went wrong in epoch {epoch}: {part}.{bad}. "
-                            f"{saved(ckpt_path)} Try a lower --lr.")
+                            f"{diverged(ckpt_path, peak_lr)}")
 
 
-def recorded(args: argparse.Namespace) -> dict:
-    """The configuration as saved: paths inside the repository relative to it, so that a
-    committed result names no machine's folders."""
-    return {**vars(args), "data_dir": cli.portable(args.data_dir), "out": cli.portable(args.out)}
+def recorded(args: argparse.Namespace, rt: runtime.Runtime) -> dict:
+    """The configuration as saved: every flag's resolved value, the number format and layout
+    the device rule chose, and paths inside the repository relative to it, so that a committed
+    result names no machine's folders."""
+    precision = "fp64" if rt.dtype == torch.float64 else "bf16" if rt.bf16 else "fp32"
+    return {**vars(args), "precision": precision,
+            "memory_format": "channels_last" if rt.channels_last else "contiguous",
+            "data_dir": cli.portable(args.data_dir), "out": cli.portable(args.out)}
 
 
 def run_state(run: recipe.Run) -> dict:
@@ -341,7 +429,7 @@ def save_checkpoint(state: dict, epoch: int, step: int, args: argparse.Namespace
     all (cli.write_atomic): a crash or a full disk mid-write leaves the previous checkpoint, and
     a full disk says so."""
     buffer = io.BytesIO()
-    torch.save({**state, "epoch": epoch, "step": step, "config": recorded(args),
+    torch.save({**state, "epoch": epoch, "step": step, "config": recorded(args, rt),
                 "provenance": runtime.provenance(rt)}, buffer)
     try:
         cli.write_atomic(path, buffer.getvalue())

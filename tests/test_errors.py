@@ -91,11 +91,11 @@ CASES = [
     ("train.py", ["--method", "gim", "--no-top-unit"], "--no-top-unit.*gim has no such unit", 2),
     ("train.py", ["--method", "simclr", "--decoder", "full"], "--decoder full.*SimCLR's head", 2),
     ("train.py", ["--method", "simclr", "--top-decoder", "none"], "--top-decoder: SimCLR", 2),
-    ("train.py", ["--top-decoder", "none"], "--top-decoder none is what --decoder gives", 2),
+    ("train.py", ["--top-decoder", "block"], "--top-decoder block is what --decoder gives", 2),
     ("train.py", ["--sharing", "1block", "--decoder", "stage"], "--sharing 1block a unit ends", 2),
     ("train.py", ["--lr", "1e45"], "--lr 1e\\+45 \\(peak\\): above 100", 2),
     ("train.py", ["--width", "1e-6"], "--width 1e-06: .*needs a width above", 2),
-    ("train.py", ["--pipeline", "2"], "--pipeline 2 needs exactly 2 processes .*not 1", 2),
+    ("train.py", ["--pipeline", "2"], "--pipeline 2: 1 process does not make whole pipelines", 2),
     ("train.py", ["--pipeline", "5"], "--pipeline 5: the encoder has 4 stages", 2),
     ("train.py", ["--pipeline-mode", "sync"], "--pipeline-mode .*add --pipeline P", 2),
     ("train.py", ["--placement", "2,2"], "--placement is a pipeline's", 2),
@@ -111,7 +111,9 @@ CASES = [
      "--batch-size 512", 2),
     ("train.py", ["--out", "{root}/run"], "run/ckpt.pt exists: add --resume", 2),
     ("train.py", ["--out", "{root}/new", "--resume"], "--resume: no checkpoint", 2),
-    ("train.py", ["--out", "{root}/run", "--resume", "--lr", "3"], "--lr 2.0 \\(now 3.0\\)", 2),
+    ("train.py", ["--out", "{root}/run", "--resume", "--tau", "0.2"], "--tau 0.5 \\(now 0.2\\)", 2),
+    ("train.py", ["--warmup-epochs", "3", "--epochs", "3"], "--warmup-epochs 3 is not shorter "
+     "than --epochs 3", 2),
     ("train.py", ["--out", "{root}/run", "--resume", "--method", "gim"], "--method loco", 2),
     ("train.py", ["--out", "{root}/notes.txt/run"], "--out .*notes.txt is not a writable", 2),
     ("train.py", ["--out", "{root}/notes.txt"], "--out .*is a file", 2),
@@ -261,19 +263,37 @@ def test_ctrl_c_ends_with_one_line_saying_what_was_saved_and_how_to_continue(
     assert "holds epoch 0" in err and "--resume" in err
 
 
-def test_resume_may_change_only_where_and_how_a_run_is_reported(tmp_path, capsys):
+def test_resume_compares_what_flags_mean_and_may_change_only_where_and_how_a_run_reports(
+        tmp_path, capsys):
+    """A flag typed at its default is the same run as the flag left out, and a flag left out
+    takes the run's value; a typed flag that changes what the run computes is refused, naming
+    the run's value; paths, logging, --epochs and --lr may change (the last two, said)."""
     run = str(tmp_path / "run")
     train.main([*TINY, "--epochs", "1", "--out", run])
     train.main([*TINY, "--epochs", "2", "--out", run, "--resume", "--log-every", "3",
-                "--workers", "0"])
-    assert "the cosine schedule now ends at epoch 2" in capsys.readouterr().out
+                "--workers", "0", "--tau", "0.5", "--decoder", "block", "--sharing", "stage"])
+    assert "--epochs 1 -> 2: the schedule from here on ends" in capsys.readouterr().out
     assert state(tmp_path / "run")["epoch"] == 1
-    for flag, value in [("--tau", "0.2"), ("--warmup-epochs", "1"), ("--weight-decay", "0"),
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["tau"] == 0.5 and recorded["decoder"] == "block"   # resolved, not null
+    assert recorded["precision"] == "fp32" and recorded["warmup_epochs"] == 0.5
+    for flag, value in [("--tau", "0.2"), ("--warmup-epochs", "0.25"), ("--weight-decay", "0"),
                         ("--no-sync-bn", None), ("--seed", "1"),
-                        ("--precision", "bf16"), ("--decoder", "block")]:
+                        ("--precision", "bf16"), ("--decoder", "none")]:
         extra = [flag] + ([value] if value else [])
-        with pytest.raises(cli.UserError, match=flag.replace("--no-", "--")):
+        with pytest.raises(cli.UserError, match=flag.replace("--no-", "--") + ".*now"):
             train.main([*TINY, "--epochs", "3", "--out", run, "--resume", *extra])
+    # the fault hunt's case: a pipeline's mode left to its default (async), typed on resume
+    config = {**recorded, "pipeline": 2, "pipeline_mode": None, "placement": "2,2"}
+    args = train.parse_args([*TINY, "--pipeline", "2", "--pipeline-mode", "async", "--resume"])
+    assert train.continued(args, train.typed([*TINY, "--pipeline", "2", "--pipeline-mode",
+                                              "async", "--resume"]), config,
+                           tmp_path).pipeline_mode == "async"
+    args = train.parse_args([*TINY, "--pipeline", "2", "--resume"])
+    assert train.continued(args, {"pipeline", "resume"}, config, tmp_path).placement == "2,2"
+    with pytest.raises(cli.UserError, match="--placement 2,2 \\(now 1,3\\)"):
+        args = train.parse_args([*TINY, "--pipeline", "2", "--placement", "1,3", "--resume"])
+        train.continued(args, {"pipeline", "placement", "resume"}, config, tmp_path)
 
 
 def test_a_disk_that_fills_while_a_checkpoint_is_written_keeps_the_last_good_one(tmp_path,

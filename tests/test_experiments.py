@@ -196,3 +196,38 @@ def test_the_schedule_figure_draws_what_is_measured_and_waits_for_enough(tmp_pat
     result("simclr_e6_seed0", 55.0), result("loco_e6_seed0", 53.0)
     experiments.schedule_figure(tmp_path)
     assert (tmp_path / "schedule.png").read_bytes()[:4] == b"\x89PNG"
+
+
+RUNNER = """
+import sys
+sys.path.insert(0, {repo!r})
+import cli
+from tools import experiments
+from pathlib import Path
+plan = experiments.Plan()
+plan.other("long step", ["-c", "import time; open({started!r}, 'w'); time.sleep(60)"],
+           Path({done!r}), 1.0)
+cli.run(lambda: experiments.execute(plan, None, Path({log!r})), "tools/experiments.py")
+"""
+
+
+def test_an_interrupt_to_the_runner_alone_stops_its_running_step_and_says_so(tmp_path):
+    """SIGINT to the runner's process only (not the terminal's group): the running step must
+    not run on as an orphan whose end nobody logs. It is stopped, logged as stopped, and the
+    runner's one line says which step it stopped."""
+    import signal
+    import time
+    started = tmp_path / "started"
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER.format(repo=str(experiments.ROOT), started=str(started),
+                                    done=str(tmp_path / "never"), log=str(tmp_path / "log.txt")))
+    runner = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    while not started.exists():
+        time.sleep(0.05)
+    child = int((tmp_path / ".never.lock").read_text().split()[-1])
+    runner.send_signal(signal.SIGINT)
+    _, err = runner.communicate(timeout=30)
+    assert runner.returncode == 130
+    assert "Stopped long step" in err and "Run the same command again" in err
+    assert not os.path.exists(f"/proc/{child}") or "zombie" in open(f"/proc/{child}/status").read()
+    assert "stopped by an interrupt" in (tmp_path / "log.txt").read_text()

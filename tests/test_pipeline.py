@@ -45,24 +45,29 @@ def batches(cfg: dict, dtype=torch.float64) -> list[tuple[torch.Tensor, torch.Te
             for _ in range(STEPS)]
 
 
-def worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) -> None:
-    """One process of the pipeline: every configuration, STEPS steps each; rank 0 saves the
-    whole state (pipeline.gather) of each."""
+def worker(rank: int, world: int, port: int, cfgs: list[dict], out: str, P: int = 0) -> None:
+    """One process of world = D replicas x a pipeline of P (default: one pipeline of world),
+    runtime.mesh's layout: every configuration, STEPS steps each, each replica on its slice of
+    the batch as train.py gives it; rank 0 saves the whole state (pipeline.gather) of each."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     torch.set_num_threads(1)
+    P = P or world
     try:
-        group = dist.new_subgroups(group_size=1)[0]
+        data_group, pipe_group = runtime.groups(world, P)
         for k, cfg in enumerate(cfgs):
             bf16 = cfg.get("bf16", False)
             rt = runtime.Runtime(torch.device("cpu"), bf16, torch.float32 if bf16 else
-                                 torch.float64, bf16, rank, world, world, group)
-            run = build(cfg, rt)
-            pipe = pipeline.build(run, rt, {"method": cfg["method"], "pipeline": world,
+                                 torch.float64, bf16, rank, world, P, data_group, pipe_group)
+            run = build({**cfg, "sync_bn": True}, rt)     # BatchNorm over the replicas
+            pipe = pipeline.build(run, rt, {"method": cfg["method"], "pipeline": P,
                                             "pipeline_mode": cfg["mode"]}, 0, TAU,
                                   groups=[range(a, b) for a, b in cfg["groups"]])
             for x1, x2 in batches(cfg, rt.dtype):
-                pipe.step(x1, x2, TAU)
+                b, d = x1.shape[0] // rt.data_world, rt.data_rank
+                pipe.step(x1[d * b:(d + 1) * b], x2[d * b:(d + 1) * b], TAU)
+                if rt.data_world > 1:
+                    runtime.average_gradients(run.params, rt)
                 pipe.optimizer.step()
                 pipe.optimizer.zero_grad(set_to_none=True)
             pipe.drain()
@@ -73,8 +78,8 @@ def worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) -> None
         dist.destroy_process_group()
 
 
-def launch(world: int, cfgs: list[dict], tmp_path: Path) -> list[dict]:
-    processes(worker, (world, free_port(), cfgs, str(tmp_path)), world)
+def launch(world: int, cfgs: list[dict], tmp_path: Path, P: int = 0) -> list[dict]:
+    processes(worker, (world, free_port(), cfgs, str(tmp_path), P), world)
     return [torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in range(len(cfgs))]
 
 
@@ -129,6 +134,35 @@ def test_four_processes_sync_equal_one_process(tmp_path):
             for m in L.METHODS]
     for cfg, state in zip(cfgs, launch(4, cfgs, tmp_path)):
         assert_same(state, one_process(cfg))
+
+
+def test_two_replicas_of_a_two_process_pipeline_equal_one_process_sync_and_async(tmp_path):
+    """World = 2 replicas x 2 pipeline processes, each replica on half the batch: the data
+    groups gather the loss's negatives, BatchNorm over both replicas and average gradients; the
+    pipe groups pass activations and gradients. Sync equals one process holding the whole
+    batch; async equals async on one pipeline (GIM: its sync; LoCo: the one-step-late
+    reference, which the two-process test holds to one pipeline's async)."""
+    states = launch(4, [*SYNC2, *ASYNC2], tmp_path, P=2)
+    for cfg, state in zip(SYNC2, states):
+        assert_same(state, one_process(cfg))
+    assert_same(states[3], one_process(SYNC2[1]))                # GIM async = GIM sync
+    assert_same(states[4], one_step_late(ASYNC2[1]))
+
+
+def test_the_batch_splits_over_replicas_only_and_a_world_must_hold_whole_pipelines():
+    import train
+    args = lambda *a: train.parse_args([*TINY, "--method", "loco", *a])
+    assert train.check_world(args("--pipeline", "2", "--batch-size", "63"), 2) == 1
+    assert train.check_world(args("--pipeline", "3", "--batch-size", "32"), 3) == 1
+    assert train.check_world(args("--pipeline", "2", "--batch-size", "64"), 4) == 2
+    with pytest.raises(UserError, match="63 does not split evenly over 2 data-parallel"):
+        train.check_world(args("--pipeline", "2", "--batch-size", "63"), 4)
+    with pytest.raises(UserError, match="63 does not split evenly over 2 data-parallel"):
+        train.check_world(args("--batch-size", "63"), 2)
+    with pytest.raises(UserError, match="3 processes do not make whole pipelines; start a "
+                                        "multiple of 2"):
+        train.check_world(args("--pipeline", "2"), 3)
+    assert runtime.mesh(8, 4) == ([[0, 4], [1, 5], [2, 6], [3, 7]], [[0, 1, 2, 3], [4, 5, 6, 7]])
 
 
 def test_presnet50s_six_stages_on_three_processes_sync_equal_one_process(tmp_path):
@@ -195,12 +229,12 @@ def test_placement_balances_measured_costs_and_async_cuts_only_where_units_start
     assert pipeline.fresh(upper, pipeline.cuts(upper, 4, "async")) == []
     assert pipeline.fresh(L.make_units("gim", [0, 1, 2, 3]), [0, 1, 2]) == [0, 1, 2]
     assert pipeline.fresh(loco, pipeline.cuts(loco, 7, "async")) == [1, 3, 5]
-    assert pipeline.by_hand("2,2", 4, [0, 1, 2], "async") == [range(0, 2), range(2, 4)]
+    assert pipeline.by_hand("2,2", 4, [0, 1, 2], "async", 2) == [range(0, 2), range(2, 4)]
     for bad, why in (("2,1", "4 in all"), ("0,4", "at least one"), ("x", "each process's")):
         with pytest.raises(UserError, match=why):
-            pipeline.by_hand(bad, 4, [0, 1, 2], "async")
+            pipeline.by_hand(bad, 4, [0, 1, 2], "async", 2)
     with pytest.raises(UserError, match="async cannot cut after piece 2"):
-        pipeline.by_hand("3,4", 7, pipeline.cuts(loco, 7, "async"), "async")
+        pipeline.by_hand("3,4", 7, pipeline.cuts(loco, 7, "async"), "async", 2)
 
 
 KILLED = """

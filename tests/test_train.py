@@ -239,7 +239,9 @@ def test_a_process_that_fails_ends_the_whole_job_at_once_with_one_line_each(tmp_
 
 def test_checkpoints_of_both_earlier_default_decoders_resume_as_what_they_are(tmp_path):
     """GIM's and LoCo's default decoder was the paper's conv block, recorded as no decoder at
-    all; then MLP-only for a while, recorded as "none". Both resume as what they trained."""
+    all; then MLP-only for a while, recorded as "none". Both load, evaluate and resume as what
+    they trained: the same command continues each with its own heads; typing the other decoder
+    is refused, naming both."""
     run = tmp_path / "run"
     train.main([*TINY, "--method", "loco", "--epochs", "1", "--out", str(run)])
     ckpt = state(run)
@@ -251,7 +253,10 @@ def test_checkpoints_of_both_earlier_default_decoders_resume_as_what_they_are(tm
     mlp = tmp_path / "mlp"
     train.main([*TINY, "--method", "loco", "--decoder", "none", "--epochs", "1", "--out", str(mlp)])
     with pytest.raises(UserError, match="--decoder none \\(now block\\)"):
-        train.main([*TINY, "--method", "loco", "--epochs", "2", "--out", str(mlp), "--resume"])
-    train.main([*TINY, "--method", "loco", "--decoder", "none", "--epochs", "2", "--out",
-                str(mlp), "--resume"])
-    assert state(mlp)["epoch"] == 1
+        train.main([*TINY, "--method", "loco", "--decoder", "block", "--epochs", "2",
+                    "--out", str(mlp), "--resume"])
+    train.main([*TINY, "--method", "loco", "--epochs", "2", "--out", str(mlp), "--resume"])
+    assert state(mlp)["epoch"] == 1 and state(mlp)["config"]["decoder"] == "none"
+    assert not any(".convs." in k for k in state(mlp)["heads"])        # MLP-only heads still
+    encoder, _ = recipe.load_encoder(str(mlp / "ckpt.pt"), torch.device("cpu"))
+    assert encoder(torch.randn(2, 3, 32, 32)).shape[0] == 2             # evaluates

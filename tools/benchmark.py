@@ -351,7 +351,7 @@ def pipeline_table(steps: int, configs=None, methods=("loco", "gim"), projected=
                 if placement and sum(map(int, placement.split(","))) == len(stages):
                     settings.append((f"pipeline 2 x 1 async, {placement}", 2, 1, "async",
                                      pipeline.by_hand(placement, len(stages), allowed["async"],
-                                                      "async")))
+                                                      "async", 2)))
                 for name, procs, threads, mode, groups in settings:
                     cfg = {"arch": arch, "stem": stem, "width": width, "batch": batch,
                            "size": size, "method": method, "processes": procs,

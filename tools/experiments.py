@@ -22,6 +22,7 @@ its share ends (train.py --time-limit). Results go to --out (default runs/<plan>
 import fcntl
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -176,6 +177,7 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
         # two busy jobs with two threads each wait on each other
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     mutex, running, ran, state = threading.Lock(), set(), set(), {"error": None, "late": False}
+    children, stop = {}, threading.Event()   # the running steps' processes; set on Ctrl-C
 
     def pick() -> Step | None:
         """The next step this process may start, or None; state['late'] once time is short."""
@@ -195,7 +197,15 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
                     return s
             return None
 
+    ended = []                           # threads whose work() has returned
+
     def work() -> None:
+        try:
+            steps()
+        finally:
+            ended.append(1)
+
+    def steps() -> None:
         while not state["error"]:
             s = pick()
             if s is None:
@@ -204,7 +214,9 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
                 time.sleep(0.25)         # a step another job runs may unblock the next
                 continue
             try:
-                run_step(s, deadline, log, env)
+                run_step(s, deadline, log, env, children, stop)
+                if stop.is_set():
+                    return
                 if not s.train_epochs and not finished(s):
                     raise cli.UserError(f"step '{s.name}' ended without writing {s.done}")
             except cli.UserError as e:
@@ -220,10 +232,19 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
     try:
         for t in threads:
             t.join()
-    except KeyboardInterrupt:            # Ctrl-C, SIGTERM: no step starts any more; a running
-        state["error"] = cli.UserError("interrupted")   # one finishes (and keeps its lock)
-        raise KeyboardInterrupt("No new step starts; a running step finishes and keeps its "
-                                "claim. Run the same command again to continue.") from None
+    except KeyboardInterrupt:            # Ctrl-C (to the terminal's processes, or this runner's
+        with mutex:                      # alone), SIGTERM: no step starts, the running ones stop
+            state["error"] = cli.UserError("interrupted")   # too, each saying what it saved,
+            stop.set()                                       # and are logged
+        stopped = sorted(children)
+        for child in list(children.values()):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)      # train.py: as Ctrl-C
+        while len(ended) < len(threads):   # not join(): a join that an interrupt has cut
+            time.sleep(0.05)               # short may return at once when called again
+        raise KeyboardInterrupt(
+            (f"Stopped {', '.join(stopped)} (a training step keeps its last finished epoch). "
+             if stopped else "") + "Run the same command again to continue.") from None
     if state["error"]:
         raise state["error"]
     if state["late"]:
@@ -235,9 +256,13 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
     return not left
 
 
-def run_step(s: Step, deadline: float | None, log: Path, env: dict) -> None:
+def run_step(s: Step, deadline: float | None, log: Path, env: dict, children: dict | None = None,
+             stop: threading.Event | None = None) -> None:
     """One step as a subprocess of this repository's scripts; its output goes to its own log
-    (logs/<step>.txt beside the plan's log), the plan's log.txt says when it ran."""
+    (logs/<step>.txt beside the plan's log), the plan's log.txt says when it ran. `children`:
+    where the running step's process is kept (by name) for an interrupt to stop; `stop`: set
+    when the plan was interrupted (the step's end is then logged as stopped, not failed)."""
+    children = {} if children is None else children
     args = list(s.args)
     if s.train_epochs and s.done.exists():
         args.append("--resume")
@@ -256,11 +281,21 @@ def run_step(s: Step, deadline: float | None, log: Path, env: dict) -> None:
         f.flush()
         child = subprocess.Popen([PY, *args], stdout=f, stderr=subprocess.STDOUT, env=env,
                                  cwd=ROOT)
+        children[s.name] = child
+        if stop is not None and stop.is_set():   # interrupted as it started
+            child.send_signal(signal.SIGTERM)
         with open(lock_of(s), "a") as lock:  # the step's own pid: a sitting that dies leaves
             lock.write(f" {child.pid}")      # its step running, and nobody starts it twice
-        code = child.wait()
+        try:
+            code = child.wait()
+        finally:
+            children.pop(s.name, None)
+    interrupted = stop is not None and stop.is_set() and code != 0
     with open(log, "a") as f:
-        f.write(f"{stamp(f'exit {code} after {(time.time() - t) / 60:.1f} min:')}\n")
+        end = "stopped by an interrupt, exit" if interrupted else "exit"
+        f.write(f"{stamp(f'{end} {code} after {(time.time() - t) / 60:.1f} min:')}\n")
+    if interrupted:
+        return
     if code:
         raise cli.UserError(f"step '{s.name}' failed (exit {code}): see the end of {own}")
     record_minutes(log.parent, s.name, (time.time() - t) / 60)
@@ -499,7 +534,7 @@ def schedule_figure(out: Path) -> None:
     plt.close(fig)
 
 
-# The width study (README, Results; docs/width.md): LoCo's gap to SimCLR as the encoder widens.
+# The width study (docs/width.md): LoCo's gap to SimCLR as the encoder widens.
 # The CPU protocol at widths 1/8, 1/4 and 1/2, the same lr (4) at every width: LARS scales each
 # layer's step by that layer's own weight norm (the trust ratio), so the step a width takes
 # does not change with its channel count, and the protocol's lr was chosen at 1/4. SimCLR and
