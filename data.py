@@ -277,6 +277,7 @@ class FolderLoader:
             v2.RandomApply([v2.GaussianBlur(blur_kernel(info.size), (0.1, 2.0))],
                            p=0.5 * info.blur)])
         folder = image_folder(Path(root) / "train", _TwoViews(views))
+        whole(subset, len(folder), root)
         if subset:  # files are sorted by class: take every k-th so that all classes stay
             folder = Subset(folder, range(0, len(folder), max(1, len(folder) // subset))[:subset])
         # shuffles with (seed, epoch); given rank and size it needs no process group
@@ -312,8 +313,16 @@ def pretrain_loader(name: str, data_dir: str | Path, global_batch: int, seed: in
         return FolderLoader(data_dir, info, global_batch, seed, device, rank, world_size, workers,
                             subset)
     images = load_images(name, data_dir, "pretrain", limit=subset)[0].to(device)  # (N, 3, S, S)
+    whole(subset, len(images), name)
     return InMemoryLoader(images, global_batch, SimCLRAugment.for_dataset(info), seed, rank,
                           world_size)
+
+
+def whole(subset: int, n: int, what) -> None:
+    """Say so when --subset asks for more images than there are (training uses all n)."""
+    if subset > n:
+        print(f"--subset {subset}: {what} holds {n} training images; training on all of them",
+              flush=True)
 
 
 def eval_batches(name: str, data_dir: str | Path, split: str, batch_size: int,

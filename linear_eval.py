@@ -131,6 +131,10 @@ def fast_protocol(train_f, train_y, test_f, test_y, classes: int, seed: int) -> 
 def paper_protocol(encoder, train_x, train_y, test_f, test_y, info, classes: int,
                    epochs: int, batch: int, lr: float, seed: int, rt: runtime.Runtime) -> list[dict]:
     """All stages' classifiers trained side by side, each on its stage's pooled features."""
+    if len(train_x) < batch:
+        raise UserError(f"--batch-size {batch}: the paper protocol trains on {len(train_x)} "
+                        f"images, fewer than one batch; lower --batch-size or raise --subset",
+                        flag=True)
     device = next(encoder.parameters()).device
     clfs = nn.ModuleList(nn.Linear(c, classes) for c in encoder.channels).to(device)
     opt = torch.optim.SGD(clfs.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)

@@ -60,6 +60,7 @@ def test_nothing_to_score_is_none_not_zero(scenes):
     gt = detect.coco_ground_truth(empty, images.shape[-2:])
     scores = detect.coco_scores(gt, perfect(targets))
     assert all(v is None for v in scores.values()), scores
+    assert all(v is None for v in detect.coco_scores(gt, []).values())  # nor when none is found
     assert experiments.cell([None, None]) == "n/a" and experiments.cell([None, 50.0]) == "50.0"
 
 

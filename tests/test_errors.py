@@ -58,6 +58,9 @@ def run_dir(tmp_path_factory) -> Path:
     (root / "empty.json").write_text("{}")
     (root / "noimages.json").write_text(json.dumps(
         {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    (root / "noannotations.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}], "annotations": [],
+         "categories": [{"id": 1, "name": "a"}]}))
     (root / "det").mkdir()                       # a result of another checkpoint
     (root / "det" / "detect_loco_8_0.json").write_text(json.dumps({"checkpoint": "other.pt"}))
     for plan, bad in (("badminutes", "minutes.json"), ("badresult",
@@ -160,12 +163,16 @@ CASES = [
      "empty.json is not a COCO annotation file: no list of images, annotations, categories", 1),
     ("tools/detect.py", ["{root}/run/ckpt.pt", "--coco-train", "{root}", "{root}/noimages.json",
                    "--coco-val", "{root}", "{root}/noimages.json"], "noimages.json holds 0 images", 1),
+    ("tools/detect.py", ["{root}/run/ckpt.pt", "--coco-train", "{root}",
+                         "{root}/noannotations.json", "--coco-val", "{root}",
+                         "{root}/noannotations.json"], "noannotations.json holds no annotations", 1),
     ("tools/detect.py", ["{root}/run/ckpt.pt", "--train-scenes", "8", "--iterations", "1", "--out",
                    "{root}/det"], "detect_loco_8_0.json holds the result of other.pt", 2),
     ("tools/experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/badminutes"],
      "badminutes/minutes.json is corrupt.*fix or delete it", 1),
     ("tools/experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/badresult"],
-     "linear_eval_fast.json is corrupt.*delete it", 1),
+     "linear_eval_fast.json is corrupt.*run its plan again .*experiments cifar-cpu --out .*"
+     "badresult, without --table-only", 1),
     ("tools/experiments.py", ["cifar-cpu", "--seeds", "0"], "--seeds.*above 0", 2),
     ("tools/experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/notes.txt/x"],
      "--out .*not a writable directory", 2),

@@ -504,6 +504,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.placement and not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)+", args.placement):
         p.error(f"argument --placement: {args.placement!r}: give each process's number of "
                 f"stages, e.g. 2,2")
+    if args.size < 32:
+        p.error(f"argument --size: {args.size}: the ImageNet encoders downsample 32x, so a "
+                f"smaller image leaves their top stages a single pixel; give 32 or more (Table 7 "
+                f"is at 224)")
     if args.what == "pipeline-worker":   # one process of the pipeline table's runs
         return pipeline_worker(json.loads(args.config), args.out)
     if args.out:

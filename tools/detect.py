@@ -121,6 +121,9 @@ def coco_dataset(images_dir: str, annotations: str) -> tuple[list[torch.Tensor],
     if not dataset["images"] or not dataset["categories"]:
         raise UserError(f"{path} holds {len(dataset['images'])} images and "
                         f"{len(dataset['categories'])} categories: a COCO split needs both")
+    if not dataset["annotations"]:
+        raise UserError(f"{path} holds no annotations: nothing to train on nor to score; give a "
+                        f"split whose images have annotated objects")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO()
@@ -170,8 +173,12 @@ def coco_ground_truth(targets: list[dict], size: tuple[int, int]) -> COCO:
 def coco_scores(gt: COCO, detections: list[dict]) -> dict[str, float]:
     """Box and mask AP, AP50, AP75 (in %) of detections (COCO result format: image_id,
     category_id, bbox x y w h, score, segmentation RLE). No detection at all scores 0; where
-    COCO finds nothing to score (no ground truth of that kind: its -1) the value is None."""
+    COCO finds nothing to score (no ground truth: its -1) the value is None, never 0, and
+    tables show it as n/a."""
     out = {}
+    if not gt.getAnnIds(imgIds=sorted(gt.getImgIds())):
+        print("nothing to score: the validation images hold no ground-truth object (AP: null)")
+        return {f"{kind}_{k}": None for kind in ("bbox", "segm") for k in ("AP", "AP50", "AP75")}
     for kind in ("bbox", "segm"):
         if not detections:
             out.update({f"{kind}_{k}": 0.0 for k in ("AP", "AP50", "AP75")})

@@ -859,8 +859,30 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise cli.UserError(f"{path} is corrupt ({str(e)[:60]}): delete it, and run the plan "
-                            f"again to write it anew")
+        raise cli.UserError(f"{path} is corrupt ({str(e)[:60]}): {rewrite(path)}")
+
+
+def rewrite(path: Path) -> str:
+    """How to get a result file back: the committed one, if git holds it; else by running the
+    plan whose folder holds it (which may be another plan than the one reading it), which does
+    the step again since its file does not parse."""
+    folder = next((f for f in path.parents if f.name.removesuffix("_smoke") in PLANS), None)
+    plan = folder.name.removesuffix("_smoke") if folder is not None else None
+    here = RUNNING.get("out")
+    if folder is None and here is not None and here.resolve() in path.resolve().parents:
+        folder, plan = here, RUNNING["plan"]           # this plan's own folder, named otherwise
+    ways = []
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--error-unmatch",
+                              str(path.resolve())], capture_output=True).returncode == 0
+    if tracked:
+        ways.append(f"restore the committed one (git checkout -- {cli.portable(path)})")
+    if folder is not None:
+        smoke = " --smoke" if folder.name.endswith("_smoke") else ""
+        ways.append(f"run its plan again to write it anew (python -m tools.experiments {plan} "
+                    f"--out {cli.portable(folder)}{smoke}, without --table-only)")
+    else:
+        ways.append("run the plan that wrote it again")
+    return ", or ".join(ways)
 
 
 def cell(values: list[float | None]) -> str:
@@ -905,6 +927,7 @@ def final_table(out: Path, rows: list[tuple[str, str, float | None]]) -> str:
     return "\n".join(lines)
 
 
+RUNNING = {}                             # the plan main() runs, and its --out (for rewrite)
 PLANS = {"cifar-cpu": cifar_cpu, "gap": gap, "width": width, "pipeline": pipeline_plan,
          "ablations": ablations, "detection": detection, "gpu": gpu}
 
@@ -928,6 +951,7 @@ def main(argv: list[str] | None = None) -> None:
     out = cli.check_writable(args.out or f"runs/{args.plan}{'_smoke' if args.smoke else ''}",
                              "--out", is_dir=True)
     out.mkdir(parents=True, exist_ok=True)
+    RUNNING.update(plan=args.plan, out=out)
     plan, _ = PLANS[args.plan](out, args)
     fits = 25 if args.plan == "gpu" else None           # minutes a lent GPU holds
     complete = True if args.table_only else execute(plan, args.minutes, out / "log.txt", fits,
