@@ -27,7 +27,7 @@ linear in the output gradient, so a piece shared by two units needs one weight p
 two units' output gradients summed: the first unit's part is held until the second delivers its
 own. An input-gradient pass runs only where a unit continues below the piece. So a LoCo step costs
 the forward, one weight pass per piece and one input pass per crossing, and holds at most two
-stages' graphs, one head's, and one held output gradient per shared stage (README, Memory).
+stages' graphs, one head's, and one held output gradient per shared stage (docs/speed-memory.md).
 """
 
 from dataclasses import dataclass, field

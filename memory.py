@@ -7,7 +7,7 @@ Local learning's memory claim (paper, Sec. 5.6) is about what a step must keep a
 device's allocator shows it on a GPU only, and mixes in weights, workspaces and caching; these
 counters see every tensor as autograd or the dispatcher makes it, so the same step counts the same
 on every machine. test_loco.py holds the method to them (SimCLR > LoCo > GIM; one weight pass per
-piece costs at most one held output gradient); tools/benchmark.py prints Tables 6 and 7.
+piece costs at most one held output gradient); python -m tools.benchmark prints Tables 6 and 7.
 """
 
 import weakref

@@ -16,7 +16,7 @@ augments the data. Per step, on process p of P (pieces lo..hi-1):
     below lo go to p-1 | gradients from p+1 for the units crossing hi-1|hi: sync, wait for this
     batch's; async, apply the previous batch's | LARS on own parameters
 
-Two modes (README, Model parallel):
+Two modes (docs/model-parallel.md):
 - sync: p waits for p+1's gradient before the weight pass of its top piece, so a step computes
   exactly local_units.train_step's gradients (tests/test_pipeline.py, float64, 1e-10). SimCLR's
   one unit crosses every boundary: it runs sync only, as plain model parallelism.
@@ -100,7 +100,7 @@ def cuts(units: list[L.Unit], pieces: int, mode: str) -> list[int]:
 def fresh(units: list[L.Unit], allowed: list[int]) -> list[int]:
     """Of the cuts `allowed`, those where the piece below the cut still learns from a unit that
     ends below it, or takes no late gradient at all. Elsewhere the late gradient would be the
-    piece's only one: measured (README, Model parallel), LoCo with S1 alone on the first process
+    piece's only one: measured (docs/model-parallel.md), LoCo with S1 alone on the first process
     lost 1.0 point at the final stage and 2.8 at S1; cut after S2 instead, 0.2."""
     late = lambda j: any(j in units[i].learns for i in crossing(units, j))
     return [j for j in allowed if not late(j) or any(j in u.learns and u.last <= j for u in units)]

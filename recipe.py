@@ -190,7 +190,7 @@ def build(cfg: dict, rt: Runtime, lr: float = 0.0) -> Run:
 
 
 # No trained network's tensor reaches this magnitude: the largest in our CIFAR-10 runs (a
-# BatchNorm running variance) is about 40 (README, What can go wrong). A weight of 1e37 is finite
+# BatchNorm running variance) is about 40 (docs/troubleshooting.md). A weight of 1e37 is finite
 # and still a blown-up run, and a few more steps overflow float32.
 WEIGHT_LIMIT = 1e6
 

@@ -5,7 +5,7 @@
     with rt.autocast(): ...                # bf16 autocast where the rule chose it, else nothing
     rt.prepare(x)                          # a batch in the run's dtype and memory format
 
-The rule, measured (README, Speed): channels_last on CUDA and on the CPU (ResNet-18 x0.25 on a
+The rule, measured (docs/speed-memory.md): channels_last on CUDA and on the CPU (ResNet-18 x0.25 on a
 2-core AMD EPYC: +19% to +34% in float32); bf16 autocast on CUDA and on CPUs that compute bf16
 natively (AVX512_BF16 or AMX: 1.6x to 1.9x over float32 channels_last there). On a CPU without it, oneDNN emulates
 bf16 and the same step runs 2x (AVX-512) to 10x (AVX2) slower than float32, so such CPUs get

@@ -3,7 +3,7 @@
 Ten shape classes (disk, square, triangle, ...), each drawn with a random position, size, small
 rotation, colour and a background gradient, none of them tied to the class: only the shape tells
 the classes apart. A linear probe on an untrained encoder scores about 20% on them; contrastive
-training lifts it far above (README, A longer CPU run on synthetic shapes). data.py serves them
+training lifts it far above (docs/results.md). data.py serves them
 as the dataset `synthetic`.
 """
 

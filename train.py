@@ -9,7 +9,7 @@
 
 The first line needs no download (synthetic shapes, drawn by shapes.py) and takes about a minute
 on a 2-core CPU; the defaults (the paper's recipe, 100 epochs of 50,000 images at full width) are
-a GPU's job: days on a 2-core CPU (README, Set up).
+a GPU's job: days on a 2-core CPU (README, Real runs).
 
 Reads top to bottom: the configuration (every flag and its default), then `main` (processes,
 device, and what a failure leaves behind) and `train`, the whole run in order: data, model and

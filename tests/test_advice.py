@@ -330,6 +330,10 @@ def test_tool_flags_refused_name_values_that_parse(tmp_path):
     refused(lambda: benchmark.main(["memory", "--size", "1"]), "give 32 or more")
     refused(lambda: benchmark.main(["pipeline", "--placement", "2,0"]), "e.g. 2,2")
     assert re.fullmatch(r"[1-9]\d*(,[1-9]\d*)+", "2,2")       # the benchmark's own rule
+    refused(lambda: benchmark.mesh_table(8, tmp_path / "none.json"), "run python -m "
+            "tools.benchmark pipeline --out .*none.json first")
+    shutil.copy(benchmark.MEASURED, tmp_path / "none.json")     # what that command writes
+    assert benchmark.mesh_table(8, tmp_path / "none.json")
     refused(lambda: multinode.main(["--kill-after-epoch", "1", "--", "--method", "gim"]),
             "give train.py's --epochs after --")
     refused(lambda: assignments.main(["grade", "9"]), "")
@@ -397,7 +401,7 @@ ADVISING = {
     "train.py": ["leave those flags out", "resume it with more", "add --resume to continue",
                  "leave --resume out", "or train without data", "continue with the same command",
                  "schedule from here on"],
-    "tools/benchmark.py": ["e.g. 2,2", "give 32 or more"],
+    "tools/benchmark.py": ["e.g. 2,2", "give 32 or more", "no measured stage times"],
     "tools/multinode.py": ["give train.py's --epochs"],
     "tools/assignments.py": ["give a new directory", "choose from"],
     "tools/experiments.py": ["run the same command again", "Run the same command again",

@@ -1,6 +1,7 @@
-"""What the documents say is what the code does: every command in README.md and ASSIGNMENTS.md
-names a script or module that exists and flags it accepts, every README section cited in the code
-names a section that exists, and committed results name no machine's folders."""
+"""What the documents say is what the code does: every command in README.md, ASSIGNMENTS.md and
+docs/ names a script or module that exists and flags it accepts (tools always as
+`python -m tools.NAME`), the README's first run follows the warm-up rule, every README section
+and docs page cited in the code exists, and committed results name no machine's folders."""
 
 import importlib
 import json
@@ -13,7 +14,7 @@ import pytest
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "ASSIGNMENTS.md"]
+DOCS = ["README.md", "ASSIGNMENTS.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
 
 
 def commands(doc: str) -> list[list[str]]:
@@ -47,9 +48,24 @@ def entry_point(words: list[str]) -> tuple[str, list[str]]:
 CASES = [(doc, " ".join(words)) for doc in DOCS for words in commands(doc)]
 
 
-def test_the_documents_hold_the_commands_a_user_runs():
+def test_the_documents_hold_the_commands_a_user_runs_and_run_tools_as_modules():
     found = {entry_point(shlex.split(c))[0] for _, c in CASES}
-    assert {"train", "linear_eval", "tools.experiments", "tools.assignments"} <= found, found
+    assert {"train", "linear_eval", "tools.experiments", "tools.assignments",
+            "tools.multinode", "tools.benchmark", "tools.detect"} <= found, found
+    assert [c for _, c in CASES if re.search(r"python3? tools/", c)] == []
+
+
+def test_the_readme_first_run_is_the_checked_one_and_its_warm_up_ends_early():
+    """The first command of README's "A first run" is the one `python -m tools.experiments
+    first-run` checks for accuracy, and its warm-up (the default: a tenth of the run) leaves most
+    of the run to reach --lr and decay from it: the 10-epoch warm-up once outlasted it."""
+    from tools import experiments
+    text = (ROOT / "README.md").read_text().split("## A first run", 1)[1]
+    first = next(shlex.split(l.strip()) for l in text.splitlines()
+                 if l.startswith("    python train.py"))
+    assert first[2:] == experiments.README_RUN
+    args = train.parse_args(first[2:])
+    assert args.warmup_epochs <= args.epochs / 10 and args.warmup_epochs < args.epochs
 
 
 @pytest.mark.parametrize("doc,command", CASES)
@@ -66,12 +82,15 @@ def test_every_documented_command_runs_its_help_and_train_accepts_its_flags(doc,
 def test_every_readme_section_the_code_cites_exists():
     headings = [h.strip("# ").lower() for h in (ROOT / "README.md").read_text().splitlines()
                 if h.startswith("#")]
-    cited = {(p.relative_to(ROOT), m.strip().strip('"').lower())
-             for p in [*ROOT.glob("*.py"), *ROOT.glob("tools/*.py"), *ROOT.glob("tests/*.py")]
+    sources = [*ROOT.glob("*.py"), *ROOT.glob("tools/*.py"), *ROOT.glob("tests/*.py")]
+    cited = {(p.relative_to(ROOT), m.strip().strip('"').lower()) for p in sources
              for m in re.findall(r"README, ([A-Z][^)]*)\)", p.read_text())}
     assert cited
     missing = [(p, s) for p, s in cited if not any(h.startswith(s) for h in headings)]
-    assert missing == []
+    pages = {(p.relative_to(ROOT), m) for p in sources
+             for m in re.findall(r"docs/[\w-]+\.md", p.read_text())}
+    missing += [(p, m) for p, m in pages if not (ROOT / m).exists()]
+    assert pages and missing == []
 
 
 def test_committed_results_name_no_absolute_path():

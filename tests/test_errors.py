@@ -28,8 +28,8 @@ from conftest import TINY, crash_after_save, state
 from tools import assignments, benchmark, detect, experiments
 
 SCRIPTS = {"train.py": train, "linear_eval.py": linear_eval, "tsne.py": tsne,
-           "curves.py": curves, "tools/benchmark.py": benchmark, "tools/detect.py": detect,
-           "tools/experiments.py": experiments, "tools/assignments.py": assignments}
+           "curves.py": curves, "python -m tools.benchmark": benchmark, "python -m tools.detect": detect,
+           "python -m tools.experiments": experiments, "python -m tools.assignments": assignments}
 
 
 @pytest.fixture(scope="module")
@@ -150,34 +150,34 @@ CASES = [
      1),
     ("curves.py", ["{root}/run", "--out", "{root}/nowhere/deeper/c.png"], None, 0),
     ("curves.py", ["{root}/run", "--out", "{root}/notes.txt/c.png"], "not a writable", 2),
-    ("tools/benchmark.py", ["speed", "--steps", "0"], "--steps.*above 0", 2),
-    ("tools/benchmark.py", ["fast"], "invalid choice: 'fast'", 2),
-    ("tools/benchmark.py", ["pipeline", "--placement", "2,0"], "--placement: '2,0'", 2),
-    ("tools/benchmark.py", ["train", "--data-dir", "{root}/nowhere"], "cifar10: .*not found", 1),
-    ("tools/detect.py", ["{root}/missing.pt"], "missing.pt: no such checkpoint", 1),
-    ("tools/detect.py", ["{root}/notes.txt"], "notes.txt is not a checkpoint written by train", 1),
-    ("tools/detect.py", ["random"], "'random' needs --like CKPT", 2),
-    ("tools/detect.py", ["{root}/run/ckpt.pt", "--train-scenes", "0"], "--train-scenes.*above 0", 2),
-    ("tools/detect.py", ["{root}/run/ckpt.pt", "--coco-train", "{root}", "{root}/empty.json",
+    ("python -m tools.benchmark", ["speed", "--steps", "0"], "--steps.*above 0", 2),
+    ("python -m tools.benchmark", ["fast"], "invalid choice: 'fast'", 2),
+    ("python -m tools.benchmark", ["pipeline", "--placement", "2,0"], "--placement: '2,0'", 2),
+    ("python -m tools.benchmark", ["train", "--data-dir", "{root}/nowhere"], "cifar10: .*not found", 1),
+    ("python -m tools.detect", ["{root}/missing.pt"], "missing.pt: no such checkpoint", 1),
+    ("python -m tools.detect", ["{root}/notes.txt"], "notes.txt is not a checkpoint written by train", 1),
+    ("python -m tools.detect", ["random"], "'random' needs --like CKPT", 2),
+    ("python -m tools.detect", ["{root}/run/ckpt.pt", "--train-scenes", "0"], "--train-scenes.*above 0", 2),
+    ("python -m tools.detect", ["{root}/run/ckpt.pt", "--coco-train", "{root}", "{root}/empty.json",
                    "--coco-val", "{root}", "{root}/empty.json"],
      "empty.json is not a COCO annotation file: no list of images, annotations, categories", 1),
-    ("tools/detect.py", ["{root}/run/ckpt.pt", "--coco-train", "{root}", "{root}/noimages.json",
+    ("python -m tools.detect", ["{root}/run/ckpt.pt", "--coco-train", "{root}", "{root}/noimages.json",
                    "--coco-val", "{root}", "{root}/noimages.json"], "noimages.json holds 0 images", 1),
-    ("tools/detect.py", ["{root}/run/ckpt.pt", "--coco-train", "{root}",
+    ("python -m tools.detect", ["{root}/run/ckpt.pt", "--coco-train", "{root}",
                          "{root}/noannotations.json", "--coco-val", "{root}",
                          "{root}/noannotations.json"], "noannotations.json holds no annotations", 1),
-    ("tools/detect.py", ["{root}/run/ckpt.pt", "--train-scenes", "8", "--iterations", "1", "--out",
+    ("python -m tools.detect", ["{root}/run/ckpt.pt", "--train-scenes", "8", "--iterations", "1", "--out",
                    "{root}/det"], "detect_loco_8_0.json holds the result of other.pt", 2),
-    ("tools/experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/badminutes"],
+    ("python -m tools.experiments", ["cifar-cpu", "--table-only", "--out", "{root}/badminutes"],
      "badminutes/minutes.json is corrupt.*fix or delete it", 1),
-    ("tools/experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/badresult"],
+    ("python -m tools.experiments", ["cifar-cpu", "--table-only", "--out", "{root}/badresult"],
      "linear_eval_fast.json is corrupt.*run its plan again .*experiments cifar-cpu --out .*"
      "badresult, without --table-only", 1),
-    ("tools/experiments.py", ["cifar-cpu", "--seeds", "0"], "--seeds.*above 0", 2),
-    ("tools/experiments.py", ["cifar-cpu", "--table-only", "--out", "{root}/notes.txt/x"],
+    ("python -m tools.experiments", ["cifar-cpu", "--seeds", "0"], "--seeds.*above 0", 2),
+    ("python -m tools.experiments", ["cifar-cpu", "--table-only", "--out", "{root}/notes.txt/x"],
      "--out .*not a writable directory", 2),
-    ("tools/assignments.py", ["make", "{root}/run"], "run is not empty: give a new directory", 2),
-    ("tools/assignments.py", ["grade", "9"], "choose from \\[1, 2, 3, 4, 5\\]", 2),
+    ("python -m tools.assignments", ["make", "{root}/run"], "run is not empty: give a new directory", 2),
+    ("python -m tools.assignments", ["grade", "9"], "choose from \\[1, 2, 3, 4, 5\\]", 2),
 ]
 
 

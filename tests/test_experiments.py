@@ -2,6 +2,7 @@
 GPU plan's smoke mode runs every one of its steps on the CPU, so that a lent GPU's first run is
 not the first run of this code."""
 
+import json
 import multiprocessing
 import os
 import runpy
@@ -98,6 +99,27 @@ def test_the_gpu_plan_runs_every_step_in_smoke_mode(tmp_path, capsys, monkeypatc
     assert "| SimCLR | 1 |" in (out / "tables.md").read_text()
     experiments.main(args)                               # again: nothing left to do
     assert "steps done; to do, about 0 min" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_gpu_width_plan_runs_every_step_in_smoke_mode(tmp_path, capsys, monkeypatch):
+    """The one plan a lent GPU runs for issue 37 (docs/gpu.md), every step for a few iterations
+    on the CPU: both benchmarks, SimCLR and LoCo at 12 epochs (two seeds) and 50 (one)."""
+    monkeypatch.setattr(experiments, "subprocess", types.SimpleNamespace(
+        Popen=Forked, STDOUT=subprocess.STDOUT))
+    out = tmp_path / "gpu-width"
+    experiments.main(["gpu-width", "--smoke", "--dataset", "synthetic", "--out", str(out),
+                      "--jobs", "2"])
+    assert "expected: SimCLR" in capsys.readouterr().out
+    for name in ("benchmark.json", "benchmark_b256.json", "tables.md"):
+        assert (out / name).exists(), name
+    for epochs, seed in experiments.GPU_WIDTH_RUNS:
+        for method in ("simclr", "loco"):
+            run = out / f"{method}_w1_e{epochs}_seed{seed}"
+            assert (run / "linear_eval_fast.json").exists(), run
+            assert json.loads((run / "config.json").read_text())["decoder"] == (
+                "none" if method == "simclr" else "block")         # the paper's decoders
+    assert "| LoCo, 50 epochs | 1 |" in (out / "tables.md").read_text()
 
 
 def test_a_run_whose_evaluation_is_kept_is_not_trained_again(tmp_path):
@@ -207,7 +229,7 @@ from pathlib import Path
 plan = experiments.Plan()
 plan.other("long step", ["-c", "import time; open({started!r}, 'w'); time.sleep(60)"],
            Path({done!r}), 1.0)
-cli.run(lambda: experiments.execute(plan, None, Path({log!r})), "tools/experiments.py")
+cli.run(lambda: experiments.execute(plan, None, Path({log!r})), "python -m tools.experiments")
 """
 
 

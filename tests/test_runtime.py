@@ -55,13 +55,13 @@ def test_a_bf16_channels_last_step_gives_the_fp32_losses_and_gradients(method, t
     gradient lost or sent to the wrong stage moves a stage's gradient by 50% or more, so 25%
     separates the two. The encoder is a trained one: at initialisation every image maps to nearly
     the same z, the loss's gradient is a small difference of large terms, and bf16 resolves only
-    half of it. So are the heads: SimCLR's is the trained LoCo run's top head (pooling and the
-    MLP, SimCLR's own decoder); with an untrained head its lowest stage moved by 33% on the AMX
-    Xeon."""
+    half of it. So are the heads: SimCLR's is the trained LoCo run's top head (its conv block,
+    pooling and MLP: SimCLR with Table 4's "1 conv block" decoder); with an untrained head its
+    lowest stage moved by 33% on the AMX Xeon."""
     torch.manual_seed(0)
     cpu = runtime.Runtime(torch.device("cpu"), False, torch.float32, False)
     run = recipe.build({"method": method, "arch": "resnet18", "width": 0.125,
-                        "dataset": "synthetic"}, cpu)
+                        "dataset": "synthetic", "decoder": "block"}, cpu)
     encoder, heads, units = run.encoder, run.heads, run.units
     encoder.load_state_dict(state(trained)["encoder"])
     trained_heads = state(trained)["heads"]           # LoCo's four, the last on the top stage

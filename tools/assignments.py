@@ -237,7 +237,7 @@ def grade(numbers: list[int], where: Path = HERE) -> dict[int, tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = cli.parser(__doc__, "tools/assignments.py")
+    p = cli.parser(__doc__, "python -m tools.assignments")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("make", help="write a student copy").add_argument("dest", type=Path)
     g = sub.add_parser("grade", help="grade assignments in this copy")
@@ -252,4 +252,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, "tools/assignments.py")
+    cli.run(main, "python -m tools.assignments")

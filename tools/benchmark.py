@@ -5,6 +5,7 @@
     python -m tools.benchmark speed     # time per step of each method over SimCLR's, and from FLOPs
     python -m tools.benchmark train     # images/s: the step alone, our loop, the usual pipeline
     python -m tools.benchmark pipeline  # model parallel: images/s on 2 processes, by mode (quiet)
+    python -m tools.benchmark mesh      # projection: 8 devices as D replicas x P pipeline processes
     python -m tools.benchmark all --out benchmark.json
 
 Activation memory is counted, not sampled: `SavedBytes` watches every tensor autograd saves for
@@ -216,7 +217,7 @@ def speed_table(rt: runtime.Runtime, steps: int = 10, configs=None) -> dict:
 
 
 # ---------------------------------------------------------------------------- model parallel
-# The pipeline table (README, Model parallel): (encoder, stem, width, batch, size) on 2 processes
+# The pipeline table (docs/model-parallel.md): (encoder, stem, width, batch, size) on 2 processes
 PIPELINE_CONFIGS = [("resnet18", "cifar", 0.25, 256, 32), ("presnet50", "imagenet", 1.0, 8, 224)]
 PROJECTED = [("resnet50", "imagenet", 1.0, 8, 224)]    # per-stage times and the projection only
 SETTINGS = [  # (name, processes, threads each, mode)
@@ -312,6 +313,53 @@ def projection(stages: list[float], devices: int) -> dict:
     return {"groups": [[g.start + 1, g.stop] for g in groups],
             "local_speedup": round(sum(stages) / slowest, 2),
             "bubble": round(1 - sum(stages) / (devices * slowest), 2)}
+
+
+MEASURED = cli.ROOT / "results" / "pipeline" / "benchmark.json"   # `pipeline`'s stage times
+
+
+def mesh_table(devices: int, measured: Path = MEASURED) -> dict:
+    """A projection for `devices` devices as D replicas x P pipeline processes (docs/multi-node.md),
+    from the per-stage step times `pipeline` measured (one thread, its batch) and the parameters
+    of each stage (counted): per layout, the compute speed-up over one device (each replica's
+    share of the batch costs 1/D of the measured times; the slowest pipeline group sets the
+    step, placed as train.py places async; transfers, all-reduce time and the straddling
+    unit's wait left out) and what each
+    device holds: the parameters of its stages and heads, whose gradients it all-reduces with
+    the D-1 others every step (MiB, float32). A projection, not a measurement."""
+    import pipeline
+    if not measured.exists():
+        raise cli.UserError(f"{measured}: no measured stage times; run python -m tools.benchmark "
+                            f"pipeline --out {cli.portable(measured)} first")
+    timed = json.loads(measured.read_text())["pipeline"]
+    out = {}
+    for key, by_method in timed.items():
+        arch, width, stem = re.match(r"(\w+?)_x([\d.]+)_(\w+)_b\d+", key).groups()
+        for method, entry in by_method.items():
+            stage_ms = entry["stage_ms"]
+            torch.manual_seed(0)
+            run = build(arch, method, runtime.Runtime(torch.device("cpu"), False, torch.float32,
+                                                      False), stem, float(width), "none")
+            mib = lambda g: 4 * sum(q.numel() for j in g for q in run.pieces[j].parameters()) \
+                + 4 * sum(q.numel() for u, h in zip(run.units, run.heads) if u.last in g
+                          for q in h.parameters())
+            rows = []
+            for P in [p for p in range(1, len(stage_ms) + 1) if devices % p == 0]:
+                D = devices // P             # placed as train.py places async (pipeline.py)
+                allowed = pipeline.cuts(run.units, len(stage_ms), "async")
+                groups = pipeline.place(stage_ms, P, pipeline.preferred(run.units, allowed,
+                                                                        "async", P))
+                slowest = max(sum(stage_ms[j] for j in g) for g in groups)
+                rows.append({"D": D, "P": P, "groups": [[g.start + 1, g.stop] for g in groups],
+                             "speedup": round(D * sum(stage_ms) / slowest, 2),
+                             "allreduce_mib": [round(mib(g) / 2**20, 1) if D > 1 else 0.0
+                                               for g in groups]})
+            out[f"{key} {method}"] = rows
+            print(f"\n{key}, {method} (stage ms {stage_ms}):")
+            for r in rows:
+                print(f"  {r['D']} x {r['P']}: stages {r['groups']}, {r['speedup']:.2f}x, "
+                      f"all-reduce per device {r['allreduce_mib']} MiB/step")
+    return out
 
 
 def pipeline_table(steps: int, configs=None, methods=("loco", "gim"), projected=(),
@@ -473,8 +521,8 @@ def train_table(rt: runtime.Runtime, data_dir: str, dataset: str = "cifar10",
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = cli.parser(__doc__, "tools/benchmark.py")
-    p.add_argument("what", choices=["stages", "memory", "speed", "train", "pipeline", "all",
+    p = cli.parser(__doc__, "python -m tools.benchmark")
+    p.add_argument("what", choices=["stages", "memory", "speed", "train", "pipeline", "mesh", "all",
                                     "pipeline-worker"])
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default=None, help="default: cuda, else mps, else cpu")
@@ -494,6 +542,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--archs", default="resnet18,presnet50,resnet50",
                    help="pipeline: the encoders of PIPELINE_CONFIGS (timed) and PROJECTED "
                    "(projection only)")
+    p.add_argument("--devices", type=cli.positive(int), default=8,
+                   help="mesh: devices of the projection (D replicas x P pipeline processes)")
     p.add_argument("--placement", default=None,
                    help="pipeline: also time async with this placement (stages per process, as "
                    "train.py's --placement, e.g. 2,2) on the encoders with that many stages")
@@ -531,6 +581,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                     "train" else None),
                                        smoke.get("steps", args.steps), args.workers,
                                        smoke.get("width", 0.0))
+    if args.what == "mesh":
+        results["mesh"] = mesh_table(args.devices)
     if args.what == "pipeline":
         configs = smoke.get("configs") or [c for c in PIPELINE_CONFIGS
                                            if c[0] in args.archs.split(",")]
@@ -544,4 +596,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run(main, "tools/benchmark.py")
+    cli.run(main, "python -m tools.benchmark")

@@ -279,7 +279,7 @@ def refuse_overwrite(path: Path, source: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = cli.parser(__doc__, "tools/detect.py")
+    p = cli.parser(__doc__, "python -m tools.detect")
     p.add_argument("init", help="a ckpt.pt written by train.py, or 'random' (with --like)")
     p.add_argument("--like", default=None, help="random: the checkpoint whose encoder "
                    "(architecture, width, stem) to build untrained")
@@ -355,4 +355,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run(main, "tools/detect.py")
+    cli.run(main, "python -m tools.detect")

@@ -1,14 +1,16 @@
 """The measured results of this repository, each one command that trains, evaluates, draws and
 prints its table, and that continues where it stopped when run again.
 
+    python -m tools.experiments first-run                      # the README's first run, checked
     python -m tools.experiments cifar-cpu --data-dir data      # Table 1 on CIFAR-10, 2 CPU cores
     python -m tools.experiments gap --data-dir data --jobs 2   # what closes LoCo's gap to SimCLR
     python -m tools.experiments width --data-dir data          # the gap as the encoder widens
     python -m tools.experiments pipeline --data-dir data       # async model parallel's accuracy
     python -m tools.experiments ablations --data-dir data      # Tables 4 and 5 at a CPU scale
     python -m tools.experiments detection                      # Table 3 in miniature (no download)
-    python -m tools.experiments gpu --data-dir data            # every GPU figure (README, Not measured)
-    python -m tools.experiments cifar-cpu --seeds 3            # a third seed in a later sitting
+    python -m tools.experiments gpu --data-dir data            # the GPU protocol (docs/gpu.md)
+    python -m tools.experiments gpu-width --data-dir data      # full width, 12 and 50 epochs (GPU)
+    python -m tools.experiments cifar-cpu --seeds 3            # adds a third seed, keeping the first two
     python -m tools.experiments cifar-cpu --smoke              # every step for a few iterations
 
 A plan is a list of steps (train a run, evaluate it, draw a figure, time a benchmark); each is
@@ -170,7 +172,7 @@ def execute(plan: Plan, minutes: float | None, log: Path, fits: float | None = N
         total += s.minutes
         late = fits is not None and total > fits
         print(f"  {s.minutes:6.1f} min  {s.name}" + (f"  (beyond the first {fits:.0f} min: a "
-                                                      f"later sitting)" if late else ""))
+                                                      f"later command)" if late else ""))
     deadline = time.time() + 60 * minutes if minutes else None
     env = dict(os.environ)
     if jobs > 1 and not env.get("OMP_NUM_THREADS"):       # set but empty counts as unset
@@ -331,7 +333,7 @@ def flags(d: dict) -> list[str]:
     return [x for k, v in d.items() for x in (f"--{k}", str(v))]
 
 
-# The CPU protocol (README, The CPU protocol, and why): ResNet-18 at width 1/4, CIFAR stem,
+# The CPU protocol (docs/results.md): ResNet-18 at width 1/4, CIFAR stem,
 # all 50,000 training images, batch 256, LARS at lr 4 with one warm-up epoch, 12 epochs;
 # seeds 0, 1, ...
 CPU = {"arch": "resnet18", "width": 0.25, "batch-size": 256, "lr": 4.0, "warmup-epochs": 1}
@@ -384,7 +386,7 @@ def figures(plan: Plan, out: Path, runs: list[Path]) -> None:
                                  str(out / "tsne.png")], out / "tsne.png", 0.5)
 
 
-# The gap study (README, "Where LoCo's gap to SimCLR goes"): the CPU protocol's variants that may
+# The gap study (docs/gap.md): the CPU protocol's variants that may
 # close LoCo's 3-point gap to SimCLR at the final stage, deciding rows first. Rows already
 # measured by cifar-cpu (SimCLR, GIM, LoCo at 12 epochs) are read from its committed results.
 # Minutes: training of one run with one thread, two runs side by side (--jobs 2).
@@ -457,7 +459,7 @@ def gap(out: Path, args) -> tuple[Plan, list]:
                   ("The temperature (3 epochs, seed 0; tau 0.5: lr 4 above)", stage_table(out, tau))]
 
 
-# Model parallel (README, Model parallel): the accuracy cost of async's one-step-late gradient.
+# Model parallel (docs/model-parallel.md): the accuracy cost of async's one-step-late gradient.
 # LoCo as the gap study trains it (MLP-only decoders), async on a pipeline of 2 processes (one
 # thread each), against the same configuration on one process, which sync equals (tests).
 GAP_RESULTS = ROOT / "results" / "gap"
@@ -740,7 +742,7 @@ def ablations(out: Path, args) -> tuple[Plan, list]:
                    stage_table(out, [(key, key) for key in ABLATIONS]))]
 
 
-# Every GPU figure (README, Not measured: the GPU run): the benchmark, then CIFAR-10 at the GPU
+# Every GPU figure (docs/gpu.md): the benchmark, then CIFAR-10 at the GPU
 # protocol (ResNet-18, CIFAR stem, full width, batch 512, LARS lr 2, 10 warm-up epochs, 100
 # epochs), SimCLR and LoCo first (the claim), then GIM, the untrained row and the figures.
 GPU = {"arch": "resnet18", "width": 1.0, "batch-size": 512, "lr": 2.0, "warmup-epochs": 10}
@@ -769,6 +771,42 @@ def gpu(out: Path, args) -> tuple[Plan, list]:
     return plan, [("linear top-1 (%) by stage, CIFAR-10 test set", stage_table(out, rows))]
 
 
+# A longer schedule at full width, on a lent GPU (docs/gpu.md): the CPU protocol at width 1,
+# SimCLR and LoCo with the paper's decoders, 12 epochs for seeds 0 and 1, then 50 epochs for
+# seed 0 (in that order: the 12-epoch pairs first), each with the linear probe; the benchmark
+# first, whose measured rate sizes every step's expected minutes.
+GPU_WIDTH_RUNS = [(12, 0), (12, 1), (50, 0)]     # (epochs, seed)
+
+
+def gpu_width(out: Path, args) -> tuple[Plan, list]:
+    plan = Plan()
+    bench = out / "benchmark.json"
+    plan.other("benchmark: memory, speed, throughput",
+               ["-m", "tools.benchmark", "all", "--data-dir", args.data_dir, "--dataset",
+                args.dataset, "--out", str(bench), *(["--smoke"] if args.smoke else [])], bench, 3)
+    base = flags({**CPU, "width": 1.0, "dataset": args.dataset, "data-dir": args.data_dir,
+                  "log-every": 50, **(SMOKE if args.smoke else {})})
+    evalx = ["--data-dir", args.data_dir, *(["--subset", "200"] if args.smoke else [])]
+    small = out / "benchmark_b256.json"          # the loop at the protocol's batch too
+    plan.other("benchmark: throughput at batch 256",
+               ["-m", "tools.benchmark", "train", "--batch", "256", "--data-dir", args.data_dir,
+                "--dataset", args.dataset, "--out", str(small),
+                *(["--smoke"] if args.smoke else [])], small, 1)
+    rate = estimated_rates(bench)
+    rows = []
+    for epochs, seed in GPU_WIDTH_RUNS:
+        for method in ("simclr", "loco"):
+            run = out / f"{method}_w1_e{epochs}_seed{seed}"
+            plan.train(run, [*base, "--method", method, "--seed", str(seed)],
+                       1 if args.smoke else epochs,
+                       0.1 if args.smoke else 50_000 * epochs / rate[method] / 60 + 0.5)
+            plan.eval(run, 0.1 if args.smoke else 1, extra=evalx)
+            if seed == 0:
+                rows.append((f"{TITLES[method]}, {epochs} epochs", f"{method}_w1_e{epochs}"))
+    return plan, [("Full width (ResNet-18 x1, CIFAR protocol): linear top-1 (%) by stage, "
+                   "CIFAR-10 test set", stage_table(out, rows))]
+
+
 def estimated_rates(bench: Path) -> dict[str, float]:
     """Training images/s per method: measured by the benchmark step if it has run (SimCLR's loop
     with real augmentation, the others through their step-time ratio), else a guess: the issue's
@@ -782,6 +820,24 @@ def estimated_rates(bench: Path) -> dict[str, float]:
     print(f"expected: SimCLR {rate:,.0f} images/s" + "".join(
         f", {m} {rate / ratio[m]:,.0f}" for m in ("gim", "loco")))
     return {m: rate / ratio[m] for m in ratio}
+
+
+# The README's first run (README, A first run): its command exactly, on synthetic shapes (no
+# download), then the linear probe of the trained encoder and of the same encoder untrained;
+# the README prints what this table says. An accuracy check that does not belong in a timed test.
+README_RUN = ["--method", "loco", "--width", "0.25", "--subset", "8192", "--epochs", "5",
+              "--batch-size", "256", "--lr", "2"]
+
+
+def first_run(out: Path, args) -> tuple[Plan, list]:
+    plan, run = Plan(), out / "loco"
+    flags_ = README_RUN[:README_RUN.index("--epochs")] + README_RUN[README_RUN.index("--epochs") + 2:]
+    smoke = ["--subset", "256", "--batch-size", "64", "--width", "0.125"] if args.smoke else []
+    plan.train(run, [*flags_, *smoke], 1 if args.smoke else 5, 1.3)
+    for random in (False, True):
+        plan.eval(run, 0.3, random=random, extra=["--subset", "200" if args.smoke else "10000"])
+    return plan, [("The first run: linear top-1 (%) by stage, synthetic shapes, 10,000 images",
+                   stage_table(out, [("LoCo, 5 epochs", "loco"), ("untrained", "loco")]))]
 
 
 # Tables 2-3 in miniature: encoders pre-trained on synthetic shapes by the README's longer
@@ -929,11 +985,12 @@ def final_table(out: Path, rows: list[tuple[str, str, float | None]]) -> str:
 
 RUNNING = {}                             # the plan main() runs, and its --out (for rewrite)
 PLANS = {"cifar-cpu": cifar_cpu, "gap": gap, "width": width, "pipeline": pipeline_plan,
-         "ablations": ablations, "detection": detection, "gpu": gpu}
+         "ablations": ablations, "detection": detection, "gpu": gpu, "gpu-width": gpu_width,
+         "first-run": first_run}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = cli.parser(__doc__, "tools/experiments.py")
+    p = cli.parser(__doc__, "python -m tools.experiments")
     p.add_argument("plan", choices=list(PLANS))
     p.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ (downloaded "
                    "there if absent)")
@@ -953,7 +1010,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     RUNNING.update(plan=args.plan, out=out)
     plan, _ = PLANS[args.plan](out, args)
-    fits = 25 if args.plan == "gpu" else None           # minutes a lent GPU holds
+    fits = 10 if args.plan in ("gpu", "gpu-width") else None   # minutes of one device command
     complete = True if args.table_only else execute(plan, args.minutes, out / "log.txt", fits,
                                                             args.jobs)
     tables = PLANS[args.plan](out, args)[1]          # again: now with what the steps wrote
@@ -967,4 +1024,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, "tools/experiments.py")
+    cli.run(main, "python -m tools.experiments")

@@ -7,7 +7,7 @@ end to end, with respect to the weights of each stage it learns. Printed per sta
 gradient norm, and for a stage two units share (LoCo), the cosine between their gradients and the
 ratio of their norms. Under LARS a stage moves along the sum of its units' gradients, whatever its
 size: if the two point apart, or one dwarfs the other, how they are weighted decides what the
-stage learns; if they agree, the weighting cannot matter much (README, Where LoCo's gap).
+stage learns; if they agree, the weighting cannot matter much (docs/gap.md).
 """
 
 import torch
@@ -38,7 +38,7 @@ def unit_gradients(run: recipe.Run, x: torch.Tensor, tau: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = cli.parser(__doc__, "tools/gradients.py")
+    p = cli.parser(__doc__, "python -m tools.gradients")
     p.add_argument("ckpt", help="a ckpt.pt written by train.py")
     p.add_argument("--data-dir", default=None, help="default: the one used in pre-training")
     p.add_argument("--batch", type=cli.positive(int), default=256)
@@ -75,4 +75,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    cli.run(main, "tools/gradients.py")
+    cli.run(main, "python -m tools.gradients")

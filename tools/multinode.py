@@ -105,7 +105,7 @@ def one_try(k: int, args, flags: list[str], epochs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = cli.parser(__doc__, "tools/multinode.py")
+    p = cli.parser(__doc__, "python -m tools.multinode")
     p.add_argument("--nodes", type=cli.positive(int), default=2, help="torchrun agents")
     p.add_argument("--nproc", type=cli.positive(int), default=2, help="processes per agent")
     p.add_argument("--repeat", type=cli.positive(int), default=1, help="tries, one after another")
@@ -139,4 +139,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    cli.run(main, "tools/multinode.py")
+    cli.run(main, "python -m tools.multinode")
