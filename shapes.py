@@ -32,6 +32,18 @@ SHAPES = {
 }
 
 
+def float32(draw):
+    """Draw in float32 whatever the caller's autocast: linear_eval reads its images inside its
+    bf16 autocast, and a matmul there in bf16 moved 15% of the pixels (by up to 128) of images
+    that training had drawn in float32; the process then kept the changed ones (data._drawn)."""
+    def drawn(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return draw(*args, **kwargs)
+    drawn.__doc__, drawn.__name__ = draw.__doc__, draw.__name__
+    return drawn
+
+
+@float32
 def make_synthetic(n: int, seed: int, size: int = 32, first: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """n images (uint8 (n, 3, size, size)) of one of 10 shapes each, with labels (n,), balanced.
@@ -92,6 +104,7 @@ def _draw(shape, p: torch.Tensor, size: int, noise: torch.Tensor) -> torch.Tenso
     return x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
+@float32
 def make_scenes(n: int, seed: int, size: int = 64, cells: int = 2
                 ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """n scenes (uint8 (n, 3, size, size)) of 2 shapes or more (up to 5 and the number of cells)

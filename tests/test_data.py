@@ -148,6 +148,14 @@ def test_synthetic_data_is_deterministic_from_the_seed_and_balanced():
     assert torch.equal(x, x2) and torch.equal(y, y2) and not torch.equal(x, x3)
     assert torch.bincount(y).tolist() == [30] * 10
     assert len(set(y[:20].tolist())) > 3  # shuffled, not sorted by class
+    with torch.autocast("cpu", torch.bfloat16):      # as linear_eval reads them: the same pixels
+        assert torch.equal(shapes.make_synthetic(300, seed=3)[0], x)
+        assert torch.equal(shapes.make_scenes(4, seed=1)[0], shapes.make_scenes(4, seed=1)[0])
+    with torch.autocast("cpu", torch.bfloat16):
+        inside = shapes.make_scenes(4, seed=1)
+    outside = shapes.make_scenes(4, seed=1)
+    assert torch.equal(inside[0], outside[0]) and all(
+        torch.equal(a["masks"], b["masks"]) for a, b in zip(inside[1], outside[1]))
 
 
 def test_the_first_synthetic_images_drawn_alone_are_those_of_the_whole_split():
