@@ -82,6 +82,7 @@ def run_script(args: list[str], log: str, env: dict, cwd: str) -> None:
         runpy.run_path(args[0], run_name="__main__")
 
 
+@pytest.mark.slow
 def test_the_gpu_plan_runs_every_step_in_smoke_mode(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(experiments, "subprocess", types.SimpleNamespace(
         Popen=Forked, STDOUT=subprocess.STDOUT))
