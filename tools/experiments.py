@@ -347,9 +347,8 @@ def cifar_cpu(out: Path, args) -> tuple[Plan, list]:
                   **(SMOKE if args.smoke else {})})
     evalx = ["--data-dir", args.data_dir, *(["--subset", "200"] if args.smoke else [])]
     scale = 0.02 if args.smoke else 1
-    # GIM's and LoCo's rows here were trained when their default decoder was one conv block
-    # (Tables 4 and 5's); the gap plan trains them with Sec. 5.1's MLP-only decoders, now the
-    # default
+    # GIM's and LoCo's rows: the paper's decoders, one conv block (the default, written out);
+    # the gap plan trains the MLP-only variant
     block = lambda m: [] if m == "simclr" else BLOCK
     for seed in range(args.seeds):
         for method, minutes in (("simclr", 24), ("gim", 27), ("loco", 27)):
@@ -391,7 +390,7 @@ def figures(plan: Plan, out: Path, runs: list[Path]) -> None:
 # measured by cifar-cpu (SimCLR, GIM, LoCo at 12 epochs) are read from its committed results.
 # Minutes: training of one run with one thread, two runs side by side (--jobs 2).
 REFERENCE = ROOT / "results" / "cifar-cpu"
-LOCAL = {"decoder": "none"}              # Sec. 5.1's decoders for GIM and LoCo: MLP only
+LOCAL = {"decoder": "none"}              # the MLP-only variant for GIM and LoCo (Sec. 5.1's words)
 GAP = [  # (hypothesis, run, flags over the CPU protocol's, epochs, seeds, minutes); in this order
     # 1. the decoders: Sec. 5.1's MLP-only heads for local methods, or only on the top stage
     (1, "loco_topnone", {"method": "loco", "decoder": "block", "top-decoder": "none"}, 12, (0, 1),
@@ -440,8 +439,9 @@ def gap(out: Path, args) -> tuple[Plan, list]:
                        1 if args.smoke else epochs, 0.02 * minutes if args.smoke else minutes)
             plan.eval(run, 0.04 if args.smoke else 2, extra=evalx)
     ref = REFERENCE
-    rows = [("SimCLR", ref / "simclr"), ("GIM (block decoders)", ref / "gim"),
-            ("GIM, MLP-only decoders", ref / "gim_none"), ("LoCo (block decoders)", ref / "loco"),
+    rows = [("SimCLR", ref / "simclr"), ("GIM (the paper's decoders)", ref / "gim"),
+            ("GIM, MLP-only decoders", ref / "gim_none"),
+            ("LoCo (the paper's decoders)", ref / "loco"),
             ("LoCo, MLP-only decoders on the top stage", "loco_topnone"),
             ("LoCo, MLP-only decoders", "loco_none"),
             ("LoCo, MLP-only decoders, lr 8", "loco_lr8"), ("SimCLR, lr 8", "simclr_lr8"),
@@ -496,7 +496,7 @@ STEP_FLOPS = {"simclr": 1.0, "gim": 0.963, "loco": 1.204}
 
 
 def schedule_figure(out: Path) -> None:
-    """Final-stage linear top-1 against epochs for the three methods (Sec. 5.1's decoders), the
+    """Final-stage linear top-1 against epochs for the three methods (MLP-only decoders), the
     LoCo-SimCLR gap written at each length, and against training compute (epochs x a step's
     FLOPs over SimCLR's): out/schedule.png, from whatever is measured."""
     import matplotlib
