@@ -20,6 +20,7 @@ def copy(tmp_path_factory):
     return dest, removed
 
 
+@pytest.mark.slow
 def test_the_student_copy_imports_and_its_untouched_tests_pass(copy):
     dest, _ = copy
     modules = ("import train, linear_eval, tsne, curves; "
@@ -39,6 +40,7 @@ def test_no_blanked_line_survives_anywhere_in_the_copy(copy):
     assert [l for l in code if l in text] == []
 
 
+@pytest.mark.slow
 def test_graded_tests_fail_naming_the_assignment_and_pass_with_the_solution_back(copy, tmp_path,
                                                                                 capsys):
     """No point is free: every grading test of assignments 1-4 fails in a fresh copy (a test

@@ -68,6 +68,7 @@ def test_checkpoint_keys_carry_no_wrapper_prefix(tmp_path):
     assert ckpt["config"]["method"] == "gim" and ckpt["units"] == [[k, k] for k in range(4)]
 
 
+@pytest.mark.slow
 def test_a_compiled_loco_step_leaves_the_gradients_of_an_eager_one():
     """Guards --compile: LoCo's backward passes through a shared stage (an input pass that keeps
     the graph, then the weight pass) once came out wrong under inductor."""
