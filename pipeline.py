@@ -81,7 +81,7 @@ def check(cfg: dict, stages: int) -> None:
 
 def mode_of(cfg: dict) -> str:
     """sync for SimCLR, async for the local methods, unless --pipeline-mode says."""
-    return cfg.get("pipeline_mode") or ("sync" if cfg["method"] == "simclr" else "async")
+    return cfg.get("pipeline_mode") or recipe.default_mode(cfg["method"])
 
 
 # ---------------------------------------------------------------------------- placement

@@ -116,8 +116,14 @@ def resolved(cfg: dict) -> dict:
     if cfg.get("warmup_epochs") is None:
         cfg["warmup_epochs"] = default_warmup(cfg["epochs"])
     if cfg.get("pipeline", 1) > 1 and not cfg.get("pipeline_mode"):
-        cfg["pipeline_mode"] = "sync" if method == "simclr" else "async"   # pipeline.py
+        cfg["pipeline_mode"] = default_mode(method)
     return cfg
+
+
+def default_mode(method: str) -> str:
+    """A pipeline's mode (pipeline.py): SimCLR's one unit crosses every process, so only sync
+    computes it exactly; the local methods run async, without waiting (docs/model-parallel.md)."""
+    return "sync" if method == "simclr" else "async"
 
 
 def check(cfg: dict) -> None:
