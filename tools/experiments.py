@@ -550,8 +550,8 @@ WIDTH_ROWS = {"simclr": {"method": "simclr"}, "loco": {"method": "loco"},
               "loco_none": {"method": "loco", **LOCAL}}
 WIDTH_ORDER = [(0.125, "simclr", 0, 12), (0.125, "loco", 0, 16), (0.125, "simclr", 1, 12),
                (0.125, "loco", 1, 16), (0.5, "simclr", 0, 150), (0.5, "loco", 0, 190),
-               (0.125, "loco_none", 0, 15), (0.5, "loco_none", 0, 180), (0.5, "simclr", 1, 150),
-               (0.5, "loco", 1, 190), (0.125, "loco_none", 1, 15), (0.25, "simclr", 0, 40),
+               (0.125, "loco_none", 0, 15), (0.5, "simclr", 1, 150), (0.5, "loco", 1, 190),
+               (0.5, "loco_none", 0, 180), (0.125, "loco_none", 1, 15), (0.25, "simclr", 0, 40),
                (0.25, "simclr", 1, 40), (0.25, "loco", 0, 50), (0.25, "loco", 1, 50),
                (0.25, "loco_none", 0, 50), (0.25, "loco_none", 1, 50)]
 REUSABLE = (REFERENCE, GAP_RESULTS)      # committed runs a row may take
