@@ -816,7 +816,7 @@ def benchmarks(plan: Plan, out: Path, bench: Path, args) -> None:
 
 def estimated_rates(bench: Path) -> dict[str, float]:
     """Training images/s per method: measured by the benchmark step if it has run (SimCLR's loop
-    with real augmentation, the others through their step-time ratio), else a guess: the issue's
+    with real augmentation, the others through their step-time ratio), else the measured
     rate of the gpu-width plan's loops on the H200 (results/gpu-width: SimCLR about 9,300
     images/s, LoCo 1.5x its time at full width, batch 256), GIM guessed at 1.3x."""
     rate, ratio = 9_300.0, {"simclr": 1.0, "loco": 1.5, "gim": 1.3}
