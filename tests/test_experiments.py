@@ -123,6 +123,24 @@ def test_the_gpu_width_plan_runs_every_step_in_smoke_mode(tmp_path, capsys, monk
     assert "| LoCo, 50 epochs | 1 |" in (out / "tables.md").read_text()
 
 
+def test_the_width_plan_reuses_exactly_the_committed_runs_of_its_protocol():
+    """Width 1/4 comes from cifar-cpu (a config that recorded precision "auto") and width 1
+    from the GPU plan (one that recorded the rule's choice, bf16 and channels_last): both are
+    the protocol as train.py resolves it (precision "auto" asks for the rule's choice, as on
+    --resume); one flag changed is another run."""
+    base = experiments.flags({**experiments.CPU, "dataset": "cifar10", "data-dir": "data"})
+    config = lambda path: json.loads((experiments.ROOT / path / "config.json").read_text())
+    quarter = [*base, "--width", "0.25", "--method", "loco", "--seed", "0", "--epochs", "12"]
+    full = [*base, "--width", "1.0", "--method", "loco", "--seed", "0", "--epochs", "12"]
+    gpu = config("results/gpu-width/loco_w1_e12_seed0")
+    assert (gpu["precision"], gpu["memory_format"]) == ("bf16", "channels_last")
+    assert experiments.same_run(config("results/cifar-cpu/loco_seed0"), quarter)
+    assert experiments.same_run(gpu, full)
+    assert not experiments.same_run(gpu, quarter)
+    assert not experiments.same_run(gpu, [*full, "--lr", "2"])
+    assert not experiments.same_run({**gpu, "decoder": "none"}, full)
+
+
 def test_a_run_whose_evaluation_is_kept_is_not_trained_again(tmp_path):
     """A checkout holds a run's committed evaluation but not its checkpoint: adding a row beside
     it must not retrain it (here the training step would fail if it ran)."""

@@ -555,6 +555,10 @@ WIDTH_ORDER = [(0.125, "simclr", 0, 12), (0.125, "loco", 0, 16), (0.125, "simclr
                (0.25, "simclr", 1, 40), (0.25, "loco", 0, 50), (0.25, "loco", 1, 50),
                (0.25, "loco_none", 0, 50), (0.25, "loco_none", 1, 50)]
 REUSABLE = (REFERENCE, GAP_RESULTS)      # committed runs a row may take
+# Width 1 is shown where the gpu-width plan has measured it on a GPU (docs/gpu.md): its
+# 12-epoch runs are this protocol exactly (checked flag by flag); this plan never trains it.
+GPU_WIDTH_RESULTS = ROOT / "results" / "gpu-width"
+SHOWN = (*WIDTHS, 1.0)
 
 
 def width_run(width: float, key: str, seed: int) -> str:
@@ -563,18 +567,16 @@ def width_run(width: float, key: str, seed: int) -> str:
 
 def same_run(config: dict, flags_: list[str]) -> bool:
     """Whether a committed run's configuration is exactly what train.py makes of these flags
-    (where it ran, how it logged and how long it was given aside)."""
-    import recipe
+    (where it ran, how it logged and how long it was given aside): the rule by which --resume
+    compares a typed flag with a recorded one (train.differences), applied to every flag."""
     import train
-    ours = vars(train.parse_args(flags_))
-    theirs = recipe.upgraded(config)
-    return all(theirs.get(k) == v for k, v in ours.items()
-               if k not in train.RESUMABLE or k == "epochs")
+    ours = train.parse_args(flags_)
+    return not train.differences(ours, set(vars(ours)), config)
 
 
-def committed(flags_: list[str], seed: int) -> Path | None:
+def committed(flags_: list[str], seed: int, folders=REUSABLE) -> Path | None:
     """A committed run (results/<plan>/<name>_seed<k>) of exactly this configuration, if any."""
-    for folder in REUSABLE:
+    for folder in folders:
         for config in sorted(folder.glob(f"*_seed{seed}/config.json")):
             if (config.parent / "linear_eval_fast.json").exists() and same_run(
                     json.loads(config.read_text()), flags_):
@@ -599,6 +601,13 @@ def width_runs(out: Path, args) -> tuple[Plan, dict]:
         if reuse is None:
             plan.train(run, train_flags, epochs, 0.05 if args.smoke else minutes)
             plan.eval(run, 0.04 if args.smoke else max(1.0, minutes / 20), extra=evalx)
+    for key in ("simclr", "loco"):
+        for seed in range(0 if args.smoke else args.seeds):
+            train_flags = [*flags({**base, "width": 1.0, **WIDTH_ROWS[key]}), "--seed", str(seed),
+                           "--epochs", str(epochs)]
+            found = committed(train_flags, seed, (GPU_WIDTH_RESULTS,))
+            if found:
+                runs.setdefault((1.0, key), []).append(found)
     return plan, runs
 
 
@@ -625,11 +634,11 @@ def width_table(runs: dict) -> str:
     top = width_results(runs)
     lines = ["| width | SimCLR | LoCo | LoCo, MLP-only decoders | gap (SimCLR - LoCo) | "
              "seeds |", "| --- | --- | --- | --- | --- | --- |"]
-    for w in WIDTHS:
+    for w in SHOWN:
         s, l = top.get((w, "simclr"), []), top.get((w, "loco"), [])
         n = min(len(s), len(l))
         gaps = [a - b for a, b in zip(s[:n], l[:n])]
-        lines.append(f"| {w:g} | {cell(s)} | {cell(l)} | {cell(top.get((w, 'loco_none'), []))} "
+        lines.append(f"| {w:g}{'' if w in WIDTHS else ' (GPU)'} | {cell(s)} | {cell(l)} | {cell(top.get((w, 'loco_none'), []))} "
                      f"| {cell(gaps) if gaps else 'not run'} | {len(s)} / {len(l)} / "
                      f"{len(top.get((w, 'loco_none'), []))} |")
     return "\n".join(lines)
@@ -650,13 +659,13 @@ def width_figure(out: Path, runs: dict) -> None:
     colour = {"simclr": "C0", "loco": "C1", "loco_none": "C2"}
     for key, label in (("simclr", "SimCLR"), ("loco", "LoCo (paper decoders)"),
                        ("loco_none", "LoCo, MLP-only decoders")):
-        ws = [w for w in WIDTHS if top.get((w, key))]
+        ws = [w for w in SHOWN if top.get((w, key))]
         ax.errorbar(ws, [mean(top[(w, key)]) for w in ws], yerr=[sd(top[(w, key)]) for w in ws],
                     marker="o", capsize=3, label=label, ls="--" if key == "loco_none" else "-",
                     color=colour[key])
     for key, label in (("loco", "LoCo (paper decoders)"), ("loco_none", "LoCo, MLP-only")):
         ws, gaps = [], []
-        for w in WIDTHS:
+        for w in SHOWN:
             s, l = top.get((w, "simclr"), []), top.get((w, key), [])
             n = min(len(s), len(l))
             if n:
@@ -666,13 +675,14 @@ def width_figure(out: Path, runs: dict) -> None:
                     color=colour[key])
     for a in (ax, gx):
         a.set_xscale("log", base=2)
-        a.set_xticks(WIDTHS, ["1/8", "1/4", "1/2"])
+        a.set_xticks(SHOWN, ["1/8", "1/4", "1/2", "1"])
         a.set_xlabel("encoder width (ResNet-18 channels x)")
     gx.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("final-stage linear top-1 (%)")
     gx.set_ylabel("SimCLR - LoCo (points)")
     ax.legend(fontsize=8), gx.legend(fontsize=8)
-    fig.suptitle("CIFAR-10, ResNet-18, 12 epochs, 2 CPU cores (bars: seed spread)", fontsize=9)
+    fig.suptitle("CIFAR-10, ResNet-18, 12 epochs; widths 1/8-1/2 on 2 CPU cores, width 1 on an "
+                 "H200 (bars: seed spread)", fontsize=9)
     fig.tight_layout()
     cli.save_figure(fig, out / "width.png")
     plt.close(fig)
