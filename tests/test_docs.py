@@ -1,7 +1,8 @@
 """What the documents say is what the code does: every command in README.md, ASSIGNMENTS.md and
 docs/ names a script or module that exists and flags it accepts (tools always as
-`python -m tools.NAME`), the README's first run follows the warm-up rule, every README section
-and docs page cited in the code exists, and committed results name no machine's folders."""
+`python -m tools.NAME`), the README's first run follows the warm-up rule, its files table counts
+each file's lines, every README section and docs page cited in the code exists, and committed
+results name no machine's folders."""
 
 import importlib
 import json
@@ -100,3 +101,13 @@ def test_committed_results_name_no_absolute_path():
     for p in ROOT.glob("results/**/config.json"):
         config = json.loads(p.read_text())
         assert not Path(config["out"]).is_absolute() and not Path(config["data_dir"]).is_absolute()
+
+
+def test_the_readme_files_table_counts_each_files_lines():
+    """The reading-order table gives each file's length, so a reader can plan an hour: a file
+    that grew and a count that did not is caught here."""
+    rows = re.findall(r"^\| `([\w./]+)` \| .* \| (\d+) \|$", (ROOT / "README.md").read_text(),
+                      re.M)
+    assert len(rows) >= 9
+    for name, count in rows:
+        assert len((ROOT / name).read_text().splitlines()) == int(count), name
