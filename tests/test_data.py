@@ -150,7 +150,6 @@ def test_synthetic_data_is_deterministic_from_the_seed_and_balanced():
     assert len(set(y[:20].tolist())) > 3  # shuffled, not sorted by class
     with torch.autocast("cpu", torch.bfloat16):      # as linear_eval reads them: the same pixels
         assert torch.equal(shapes.make_synthetic(300, seed=3)[0], x)
-        assert torch.equal(shapes.make_scenes(4, seed=1)[0], shapes.make_scenes(4, seed=1)[0])
     with torch.autocast("cpu", torch.bfloat16):
         inside = shapes.make_scenes(4, seed=1)
     outside = shapes.make_scenes(4, seed=1)
